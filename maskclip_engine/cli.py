@@ -1,0 +1,138 @@
+"""``maskclip``: segment images from a terminal.
+
+Other packages add subcommands through the ``maskclip.commands`` entry-point
+group, so this module stays free of server and queue code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from .config import MODES, PRECISIONS, SegmentOptions
+from .errors import MaskClipError
+from .images import decode_image, list_images
+from .prompts import LabelSet
+from .segmenter import Segmenter
+from .visualize import overlay, save_label_map
+
+
+class _Commands(click.Group):
+    """The built-in commands plus those other installed packages register."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {ep.name for ep in entry_points(group="maskclip.commands")})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        for ep in entry_points(group="maskclip.commands"):
+            if ep.name == name:
+                return ep.load()
+        return None
+
+
+@click.group(cls=_Commands)
+@click.option("-v", "--verbose", is_flag=True, help="Log what the engine does.")
+def main(verbose: bool) -> None:
+    """MaskCLIP: zero-shot segmentation from a frozen CLIP model."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def model_options(func):
+    """Options that choose the CLIP model, shared by every command that builds one."""
+    options = [
+        click.option("--model", envvar="MASKCLIP_MODEL", default="ViT-B-16", show_default=True,
+                     help="open_clip architecture name, or the path of an open_clip model config JSON."),
+        click.option("--pretrained", envvar="MASKCLIP_PRETRAINED", default="openai", show_default=True,
+                     help="open_clip pretrained tag, or the path of a local checkpoint (.pt/.pth/.bin)."),
+        click.option("--device", envvar="MASKCLIP_DEVICE", default=None, help="cpu, cuda, cuda:N (default: auto)."),
+        click.option("--precision", envvar="MASKCLIP_PRECISION", type=click.Choice(PRECISIONS), default="fp32",
+                     show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--labels", required=True, help='Labels, comma-separated; synonyms with "|": "cat,dog|puppy,grass".')
+@model_options
+@click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True)
+@click.option("--short-side", type=int, default=SegmentOptions.short_side, show_default=True)
+@click.option("--crop", type=int, default=SegmentOptions.crop, show_default=True, help="Window size (slide mode).")
+@click.option("--stride", type=int, default=SegmentOptions.stride, show_default=True, help="Window step (slide mode).")
+@click.option("--no-key-smoothing", is_flag=True, help="Turn key smoothing off.")
+@click.option("--no-prompt-denoising", is_flag=True, help="Turn prompt denoising off.")
+@click.option("--pd-threshold", type=float, default=SegmentOptions.pd_threshold, show_default=True)
+@click.option("--bg-threshold", type=float, default=SegmentOptions.bg_threshold, show_default=True,
+              help="Pixels whose top probability is below this stay unlabeled.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the label maps, overlays and JSON summaries.")
+def segment(
+    source: Path, labels: str, model: str, pretrained: str, device: str | None, precision: str, mode: str,
+    short_side: int, crop: int, stride: int, no_key_smoothing: bool, no_prompt_denoising: bool,
+    pd_threshold: float, bg_threshold: float, out_dir: Path,
+) -> None:
+    """Segment an image, or every image in a folder, into LABELS.
+
+    Writes NAME_labels.png (label indices), NAME_overlay.png (colours and a
+    legend) and NAME.json (per-label scores and areas) for each image.
+    """
+    try:
+        labelset = LabelSet.from_string(labels)
+        options = SegmentOptions(
+            mode=mode, short_side=short_side, crop=crop, stride=stride,  # type: ignore[arg-type]
+            key_smoothing=not no_key_smoothing, prompt_denoising=not no_prompt_denoising,
+            pd_threshold=pd_threshold, bg_threshold=bg_threshold,
+        )
+    except MaskClipError as exc:
+        raise click.UsageError(str(exc)) from exc
+    files = list_images(source)
+    if not files:
+        raise click.UsageError(f"{source} holds no images ({', '.join(('.jpg', '.png', '...'))}).")
+    try:
+        segmenter = Segmenter.from_pretrained(model, pretrained, device, precision, options=options)
+    except MaskClipError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in tqdm(files, desc="segmenting", unit="image", disable=len(files) == 1 or None):
+        try:
+            _segment_one(segmenter, path, labelset, out_dir)
+        except (MaskClipError, OSError) as exc:
+            failed += 1
+            tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
+    click.echo(f"{len(files) - failed} of {len(files)} image(s) segmented into {out_dir}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _segment_one(segmenter: Segmenter, path: Path, labelset: LabelSet, out_dir: Path) -> None:
+    rgb = decode_image(path)
+    result = segmenter.segment(rgb, labelset)
+    stem = path.stem
+    encoding = save_label_map(result, out_dir / f"{stem}_labels.png")
+    overlay(rgb, result).save(out_dir / f"{stem}_overlay.png")
+    summary = {
+        "image": str(path),
+        "model": segmenter.clip.spec.model,
+        "weights": segmenter.clip.weights_id,
+        "options": segmenter.options.to_dict(),
+        "label_map": {"file": f"{stem}_labels.png", "encoding": encoding},
+        "overlay": f"{stem}_overlay.png",
+        **result.to_dict(),
+    }
+    (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+
+
+__all__ = ["main", "model_options"]

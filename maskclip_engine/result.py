@@ -1,0 +1,81 @@
+"""What a segmentation call returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    """Labels of one image at its original resolution.
+
+    ``label_map`` is ``HxW int32``: ``i`` means ``labels[i]``, ``-1`` unlabeled.
+    ``confidence`` is ``HxW float32``, each pixel's top class probability.
+    ``scores[i]`` is the mean confidence over the pixels of ``labels[i]`` (0 if
+    it has none). ``dropped`` lists the labels prompt denoising found absent.
+    """
+
+    labels: list[str]
+    label_map: np.ndarray
+    confidence: np.ndarray
+    scores: list[float]
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` of the image, as PIL reports it."""
+        return int(self.label_map.shape[1]), int(self.label_map.shape[0])
+
+    def _index(self, label: str | int) -> int:
+        if isinstance(label, int):
+            if not 0 <= label < len(self.labels):
+                raise IndexError(f"label index {label} out of range for {len(self.labels)} labels")
+            return label
+        try:
+            return self.labels.index(label)
+        except ValueError:
+            raise KeyError(f"{label!r} is not one of the labels {self.labels}") from None
+
+    def mask(self, label: str | int) -> np.ndarray:
+        """``HxW bool`` mask of one label."""
+        return self.label_map == self._index(label)
+
+    def pixel_counts(self) -> list[int]:
+        counts = np.bincount(self.label_map[self.label_map >= 0].ravel(), minlength=len(self.labels))
+        return [int(c) for c in counts[: len(self.labels)]]
+
+    @property
+    def present(self) -> list[str]:
+        """Labels that hold at least one pixel, in label order."""
+        return [name for name, count in zip(self.labels, self.pixel_counts()) if count > 0]
+
+    @property
+    def masks(self) -> dict[str, np.ndarray]:
+        """``{label: HxW bool mask}`` for every present label."""
+        return {name: self.mask(name) for name in self.present}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe summary (no pixel arrays)."""
+        total = self.label_map.size
+        counts = self.pixel_counts()
+        return {
+            "width": self.size[0],
+            "height": self.size[1],
+            "labels": [
+                {
+                    "index": i,
+                    "name": name,
+                    "score": round(float(self.scores[i]), 6),
+                    "pixels": counts[i],
+                    "fraction": round(counts[i] / total, 6),
+                    "dropped": name in self.dropped,
+                }
+                for i, name in enumerate(self.labels)
+            ],
+            "present": self.present,
+            "dropped": list(self.dropped),
+            "unlabeled_fraction": round(float((self.label_map < 0).sum()) / total, 6),
+        }

@@ -1,0 +1,119 @@
+"""Class text embeddings: the prompt ensemble, cached in memory and on disk.
+
+A text embedding depends only on the model, its weights, the templates and the
+text, so it is computed once per machine: the key of each entry is a hash of
+those four, and each entry is one small ``.npy`` file written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .loading import LoadedClip
+from .prompts import MASKCLIP_TEMPLATES, templates_digest
+
+log = logging.getLogger(__name__)
+
+
+class TextEmbedder:
+    """Turns texts into L2-normalised template-ensemble embeddings ``[N, D]`` (float32, CPU).
+
+    Thread-safe. ``cache_dir=None`` keeps the cache in memory only.
+    """
+
+    def __init__(
+        self,
+        clip: LoadedClip,
+        cache_dir: Path | None,
+        templates: Sequence[str] = MASKCLIP_TEMPLATES,
+        batch_size: int = 256,
+    ) -> None:
+        self.clip = clip
+        self.templates = tuple(templates)
+        self.batch_size = batch_size
+        self.cache_dir = Path(cache_dir) / "text-embeddings" if cache_dir is not None else None
+        self._memory: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+        self.encoded_prompts = 0  # how many sentences went through the text encoder
+
+    def _key(self, text: str) -> str:
+        identity = "\0".join(
+            (self.clip.model_id, self.clip.weights_id, templates_digest(self.templates), text)
+        )
+        return hashlib.sha256(identity.encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / key[:2] / f"{key}.npy"
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Embeddings of ``texts`` in order, computing only what no cache holds."""
+        keys = [self._key(t) for t in texts]
+        found: dict[str, torch.Tensor] = {}
+        with self._lock:
+            for key in keys:
+                if key in self._memory:
+                    found[key] = self._memory[key]
+        for key in keys:
+            if key not in found and (loaded := self._read(key)) is not None:
+                found[key] = loaded
+        missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in found))
+        if missing:
+            for text, emb in zip(missing, self._encode(missing)):
+                key = self._key(text)
+                found[key] = emb
+                self._write(key, emb)
+        with self._lock:
+            self._memory.update(found)
+        return torch.stack([found[k] for k in keys])
+
+    def _read(self, key: str) -> torch.Tensor | None:
+        if self.cache_dir is None:
+            return None
+        path = self._path(key)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable text-cache entry %s: %s", path, exc)
+            return None
+        if array.shape != (self.clip.embed_dim,):
+            return None
+        return torch.from_numpy(array.astype(np.float32))
+
+    def _write(self, key: str, emb: torch.Tensor) -> None:
+        if self.cache_dir is None:
+            return
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, emb.numpy())
+            os.replace(tmp, path)
+        except OSError as exc:  # a read-only cache must not break segmentation
+            log.warning("could not write text cache %s: %s", path, exc)
+
+    @torch.inference_mode()
+    def _encode(self, texts: list[str]) -> torch.Tensor:
+        """Per-prompt L2 norm, mean over templates, renorm: the CLIP prompt ensemble."""
+        sentences = [template.format(text) for text in texts for template in self.templates]
+        model, device = self.clip.model, self.clip.device
+        chunks = []
+        for start in range(0, len(sentences), self.batch_size):
+            tokens = self.clip.tokenizer(sentences[start : start + self.batch_size]).to(device)
+            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+        self.encoded_prompts += len(sentences)
+        per_prompt = torch.cat(chunks).reshape(len(texts), len(self.templates), -1)
+        return F.normalize(per_prompt.mean(dim=1), dim=-1)
