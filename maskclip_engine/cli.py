@@ -49,13 +49,24 @@ def main(verbose: bool) -> None:
 def model_options(func):
     """Options that choose the CLIP model, shared by every command that builds one."""
     options = [
-        click.option("--model", envvar="MASKCLIP_MODEL", default="ViT-B-16", show_default=True,
-                     help="open_clip architecture name, or the path of an open_clip model config JSON."),
-        click.option("--pretrained", envvar="MASKCLIP_PRETRAINED", default="openai", show_default=True,
-                     help="open_clip pretrained tag, or the path of a local checkpoint (.pt/.pth/.bin)."),
+        click.option(
+            "--model",
+            envvar="MASKCLIP_MODEL",
+            default="ViT-B-16",
+            show_default=True,
+            help="open_clip architecture name, or the path of an open_clip model config JSON.",
+        ),
+        click.option(
+            "--pretrained",
+            envvar="MASKCLIP_PRETRAINED",
+            default="openai",
+            show_default=True,
+            help="open_clip pretrained tag, or the path of a local checkpoint (.pt/.pth/.bin).",
+        ),
         click.option("--device", envvar="MASKCLIP_DEVICE", default=None, help="cpu, cuda, cuda:N (default: auto)."),
-        click.option("--precision", envvar="MASKCLIP_PRECISION", type=click.Choice(PRECISIONS), default="fp32",
-                     show_default=True),
+        click.option(
+            "--precision", envvar="MASKCLIP_PRECISION", type=click.Choice(PRECISIONS), default="fp32", show_default=True
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -73,14 +84,36 @@ def model_options(func):
 @click.option("--no-key-smoothing", is_flag=True, help="Turn key smoothing off.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Turn prompt denoising off.")
 @click.option("--pd-threshold", type=float, default=SegmentOptions.pd_threshold, show_default=True)
-@click.option("--bg-threshold", type=float, default=SegmentOptions.bg_threshold, show_default=True,
-              help="Pixels whose top probability is below this stay unlabeled.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for the label maps, overlays and JSON summaries.")
+@click.option(
+    "--bg-threshold",
+    type=float,
+    default=SegmentOptions.bg_threshold,
+    show_default=True,
+    help="Pixels whose top probability is below this stay unlabeled.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the label maps, overlays and JSON summaries.",
+)
 def segment(
-    source: Path, labels: str, model: str, pretrained: str, device: str | None, precision: str, mode: str,
-    short_side: int, crop: int, stride: int, no_key_smoothing: bool, no_prompt_denoising: bool,
-    pd_threshold: float, bg_threshold: float, out_dir: Path,
+    source: Path,
+    labels: str,
+    model: str,
+    pretrained: str,
+    device: str | None,
+    precision: str,
+    mode: str,
+    short_side: int,
+    crop: int,
+    stride: int,
+    no_key_smoothing: bool,
+    no_prompt_denoising: bool,
+    pd_threshold: float,
+    bg_threshold: float,
+    out_dir: Path,
 ) -> None:
     """Segment an image, or every image in a folder, into LABELS.
 
@@ -90,9 +123,14 @@ def segment(
     try:
         labelset = LabelSet.from_string(labels)
         options = SegmentOptions(
-            mode=mode, short_side=short_side, crop=crop, stride=stride,  # type: ignore[arg-type]
-            key_smoothing=not no_key_smoothing, prompt_denoising=not no_prompt_denoising,
-            pd_threshold=pd_threshold, bg_threshold=bg_threshold,
+            mode=mode,
+            short_side=short_side,
+            crop=crop,
+            stride=stride,  # type: ignore[arg-type]
+            key_smoothing=not no_key_smoothing,
+            prompt_denoising=not no_prompt_denoising,
+            pd_threshold=pd_threshold,
+            bg_threshold=bg_threshold,
         )
     except MaskClipError as exc:
         raise click.UsageError(str(exc)) from exc

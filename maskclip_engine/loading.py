@@ -12,10 +12,12 @@ import hashlib
 import json
 import logging
 import pickle
+import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import open_clip
 import torch
@@ -123,7 +125,9 @@ def torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
     opened with ``torch.jit.load``, which runs no pickled Python code.
     """
     try:
-        archive = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the deprecation concerns new code, not old archives
+            archive = torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as exc:
         raise WeightsUnavailableError(f"{path} looks like a TorchScript archive but could not be read: {exc}") from exc
     state = dict(archive.state_dict())

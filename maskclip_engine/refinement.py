@@ -52,13 +52,19 @@ def key_smoothing(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     similarities of per-location L2-normalised keys. The result is clipped at
     zero and renormalised to sum to one per location: the argmax is that of
     the plain weighted sum, and the values stay probabilities so the background
-    threshold keeps its meaning.
+    threshold keeps its meaning. A location where no class scores above zero
+    keeps its own probabilities.
     """
     num_classes = probs.shape[0]
     flat_keys = F.normalize(keys.flatten(1).float(), dim=0)  # [K, N]
     weights = flat_keys.T @ flat_keys  # [N, N], symmetric
-    smoothed = (probs.flatten(1) @ weights).clamp_min(0)  # [C, N]
-    smoothed = smoothed / smoothed.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    flat = probs.flatten(1)
+    smoothed = (flat @ weights).clamp_min(0)  # [C, N]
+    total = smoothed.sum(dim=0, keepdim=True)
+    # Where dissimilar neighbours outweigh everything (no class above zero), the
+    # location keeps its own prediction rather than an arbitrary one.
+    degenerate = total <= 1e-12
+    smoothed = torch.where(degenerate, flat, smoothed / total.clamp_min(1e-12))
     return smoothed.reshape(num_classes, *probs.shape[1:])
 
 

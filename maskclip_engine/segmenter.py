@@ -203,9 +203,7 @@ class Segmenter:
         return canvases  # type: ignore[return-value]
 
     @staticmethod
-    def _label_logits(
-        features: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, num_labels: int
-    ) -> torch.Tensor:
+    def _label_logits(features: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, num_labels: int) -> torch.Tensor:
         """Cosine logits ``[B, C, h, w]``; a label's logit is the best of its synonyms'."""
         per_prompt = torch.einsum("bdhw,sd->bshw", F.normalize(features, dim=1), text)
         if per_prompt.shape[1] == num_labels:
