@@ -1,0 +1,1 @@
+"""The Label Studio ML backend: MaskCLIP pre-annotations over HTTP."""

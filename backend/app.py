@@ -1,0 +1,158 @@
+"""The HTTP protocol Label Studio 1.23 speaks to ML backends, on Flask 3.
+
+``create_app()`` builds the model once, at start-up; every request shares it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+
+from maskclip_engine import MaskClipError
+
+from .errors import BackendError, BadRequestError
+from .label_config import SchemaCache
+from .metrics import Metrics
+from .predictor import Predictor, ProjectLink
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+OPEN_ROUTES = ("/", "/health")
+TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING")
+
+
+def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> Flask:
+    """The backend's Flask app; pass ``predictor`` to share an already loaded model."""
+    settings = settings or (predictor.settings if predictor is not None else Settings.from_env())
+    metrics = predictor.metrics if predictor is not None else Metrics()
+    predictor = predictor or Predictor.from_settings(settings, metrics)
+    schemas = SchemaCache(settings.max_labels)
+    warmed: set[str] = set()
+    warm_lock = threading.Lock()
+
+    app = Flask("maskclip_backend")
+    app.config["MASKCLIP_PREDICTOR"] = predictor
+    metrics.set("maskclip_model_info", 1, version=predictor.version, device=str(predictor.segmenter.clip.device))
+
+    @app.before_request
+    def _authenticate() -> Response | None:
+        g.started = time.perf_counter()
+        if request.path in OPEN_ROUTES or not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        if (
+            auth is None
+            or not hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+            or not hmac.compare_digest(auth.password or "", settings.basic_auth_pass or "")
+        ):
+            return Response(
+                '{"error": "authentication required: set the same basic-auth user and password in Label Studio"}',
+                401,
+                {"WWW-Authenticate": 'Basic realm="maskclip"', "Content-Type": "application/json"},
+            )
+        return None
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unknown"
+        metrics.count("maskclip_http_requests_total", route=route, status=str(response.status_code))
+        return response
+
+    @app.errorhandler(BackendError)
+    def _backend_error(exc: BackendError):
+        return jsonify({"error": str(exc)}), exc.status
+
+    @app.errorhandler(MaskClipError)
+    def _engine_error(exc: MaskClipError):
+        return jsonify({"error": str(exc)}), 400
+
+    @app.errorhandler(404)
+    def _not_found(_exc):
+        return jsonify({"error": f"no route {request.path}; see GET /health"}), 404
+
+    @app.errorhandler(405)
+    def _wrong_method(_exc):
+        return jsonify({"error": f"{request.method} is not allowed on {request.path}"}), 405
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception):
+        log.exception("unhandled error on %s", request.path)
+        return jsonify({"error": "internal error; the backend log has the details"}), 500
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "UP", "model_class": "MaskCLIP", "model_version": predictor.version})
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        project = _project_id(body.get("project"))
+        config = body.get("schema")
+        schema = schemas.get(config)
+        predictor.link_project(
+            project,
+            ProjectLink(hostname=body.get("hostname"), access_token=body.get("access_token"), label_config=config),
+        )
+        with warm_lock:
+            fresh = config not in warmed
+            warmed.add(config)
+        if fresh:
+            predictor.warm_text_cache(schema)
+        return jsonify({"model_version": predictor.version})
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list):
+            raise BadRequestError("the body needs 'tasks': a list of Label Studio tasks.")
+        project = _project_id(body.get("project"), required=False)
+        config = body.get("label_config")
+        if not config and project:
+            link = predictor.project_link(project)
+            config = link.label_config if link else None
+        if not config:
+            raise BadRequestError("the body needs 'label_config' (the project's labeling config XML).")
+        results = predictor.predict(tasks, schemas.get(config), project)
+        return jsonify({"results": results, "model_version": predictor.version})
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_body()
+        action = body.get("action")
+        if action not in TRAINING_EVENTS:
+            return jsonify({"status": "ignored", "action": action}), 200
+        return jsonify({"status": "received", "action": action}), 200
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions():
+        return jsonify({"versions": [predictor.version]})
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object (Content-Type: application/json).")
+    return body
+
+
+def _project_id(value: Any, required: bool = True) -> str | None:
+    """Label Studio sends projects as ``"<id>.<created timestamp>"``; the id is what matters."""
+    if value is None or value == "":
+        if required:
+            raise BadRequestError("the body needs 'project'.")
+        return None
+    return str(value).split(".", 1)[0]

@@ -1,0 +1,68 @@
+"""``maskclip-backend serve``: the backend on one machine, under gunicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from .errors import BackendError
+from .settings import Settings
+
+
+@click.group()
+def main() -> None:
+    """MaskCLIP ML backend for Label Studio."""
+
+
+@main.command()
+@click.option("--host", envvar="MASKCLIP_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="MASKCLIP_PORT", type=int, default=9090, show_default=True)
+@click.option(
+    "--threads",
+    envvar="MASKCLIP_THREADS",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Requests served at once; they share one loaded model.",
+)
+@click.option(
+    "--timeout",
+    envvar="MASKCLIP_REQUEST_TIMEOUT",
+    type=int,
+    default=600,
+    show_default=True,
+    help="Seconds a request may take before its worker is restarted.",
+)
+@click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> None:
+    """Load the model once and serve Label Studio's ML backend protocol."""
+    from gunicorn.app.base import BaseApplication
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.from_env()
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", 1)  # one process holds the model; threads share it
+            self.cfg.set("threads", threads)
+            self.cfg.set("timeout", timeout)
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("loglevel", log_level.lower())
+
+        def load(self):
+            from maskclip_engine import MaskClipError
+
+            from .app import create_app
+
+            try:
+                return create_app(settings)
+            except (MaskClipError, BackendError) as exc:
+                logging.getLogger("backend").error("cannot start the backend: %s", exc)
+                raise SystemExit(3) from None  # gunicorn's "worker failed to boot": it stops, no restart loop
+
+    _Server().run()

@@ -1,0 +1,118 @@
+"""What a project's labeling config asks for: image objects and their brush/polygon label controls."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from label_studio_sdk.label_interface import LabelInterface
+
+from .errors import UnsupportedLabelConfigError
+
+SUPPORTED_CONTROLS = {"brushlabels": "brushlabels", "polygonlabels": "polygonlabels"}
+
+
+@dataclass(frozen=True)
+class LabelControl:
+    """One ``<BrushLabels>`` or ``<PolygonLabels>`` control on one ``<Image>``.
+
+    ``labels`` are the config's label values; ``prompts[i]`` are the texts that
+    find ``labels[i]``: the value itself plus its ``predicted_values`` synonyms.
+    """
+
+    from_name: str
+    to_name: str
+    data_key: str  # the task data field that holds the image URL
+    result_type: str  # "brushlabels" or "polygonlabels"
+    labels: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class ProjectSchema:
+    controls: tuple[LabelControl, ...]
+
+    @property
+    def data_keys(self) -> list[str]:
+        return sorted({c.data_key for c in self.controls})
+
+
+def parse_label_config(config: str, max_labels: int = 1000) -> ProjectSchema:
+    """Find the supported controls of a labeling config, or say clearly why there are none."""
+    if not isinstance(config, str) or not config.strip():
+        raise UnsupportedLabelConfigError("the labeling config is empty; send the project's label_config XML.")
+    try:
+        interface = LabelInterface(config)
+    except Exception as exc:  # the SDK raises several types for malformed XML
+        raise UnsupportedLabelConfigError(f"the labeling config is not valid XML: {exc}") from exc
+
+    objects = {obj.name: obj for obj in interface.objects}
+    controls = []
+    seen = []
+    for control in interface.controls:
+        kind = control.tag.lower()
+        seen.append(control.tag)
+        if kind not in SUPPORTED_CONTROLS:
+            continue
+        for to_name in control.to_name:
+            target = objects.get(to_name)
+            if target is None or target.tag.lower() != "image":
+                continue
+            if not target.value or not target.value.startswith("$"):
+                continue
+            labels = tuple(control.labels)
+            if not labels:
+                raise UnsupportedLabelConfigError(f"<{control.tag} name={control.name!r}> has no <Label> values.")
+            if len(labels) > max_labels:
+                raise UnsupportedLabelConfigError(
+                    f"<{control.tag} name={control.name!r}> has {len(labels)} labels, over this backend's limit "
+                    f"of {max_labels} (MASKCLIP_MAX_LABELS)."
+                )
+            prompts = tuple(_prompts(label, control.labels_attrs[label].attr) for label in labels)
+            controls.append(
+                LabelControl(
+                    from_name=control.name,
+                    to_name=to_name,
+                    data_key=target.value[1:],
+                    result_type=SUPPORTED_CONTROLS[kind],
+                    labels=labels,
+                    prompts=prompts,
+                )
+            )
+    if not controls:
+        found = ", ".join(f"<{t}>" for t in dict.fromkeys(seen)) or "no control tags"
+        raise UnsupportedLabelConfigError(
+            f"this backend predicts <BrushLabels> and <PolygonLabels> on an <Image>; the config has {found}. "
+            'Add e.g. <BrushLabels name="tag" toName="image"><Label value="cat"/></BrushLabels>.'
+        )
+    return ProjectSchema(tuple(controls))
+
+
+def _prompts(label: str, attrs: dict) -> tuple[str, ...]:
+    synonyms = [s.strip() for s in str(attrs.get("predicted_values") or "").split(",") if s.strip()]
+    return tuple(dict.fromkeys([label, *synonyms]))
+
+
+class SchemaCache:
+    """Parsed configs by their text: parsing XML for every request is wasted work."""
+
+    def __init__(self, max_labels: int, size: int = 64) -> None:
+        self.max_labels = max_labels
+        self.size = size
+        self._items: OrderedDict[str, ProjectSchema] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, config: str) -> ProjectSchema:
+        key = hashlib.sha256(config.encode()).hexdigest() if isinstance(config, str) else ""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        schema = parse_label_config(config, self.max_labels)
+        with self._lock:
+            self._items[key] = schema
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return schema

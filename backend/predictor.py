@@ -1,0 +1,207 @@
+"""Predictions for Label Studio tasks: fetch images, segment them, shape the results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from maskclip_engine import LabelSet, SegmentationResult, Segmenter, SegmentOptions
+
+from .errors import ImageFetchError
+from .fetching import ImageFetcher
+from .label_config import LabelControl, ProjectSchema
+from .label_studio import LabelStudioAuth
+from .metrics import Metrics
+from .regions import brush_region, polygon_regions
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def model_version(segmenter: Segmenter, options: SegmentOptions) -> str:
+    """A stable name for what produces the predictions, e.g. ``maskclip-ViT-B-16-openai-ks-pd``.
+
+    Label Studio skips tasks that already hold a prediction of the current
+    version, so anything that changes the masks changes the version.
+    """
+    clip = segmenter.clip
+    model = clip.model_id.split("@")[0].replace("/", "-")
+    kind, _, value = clip.weights_id.partition(":")
+    weights = value if kind == "tag" else f"{kind}{value[:8]}" if value else kind
+    parts = ["maskclip", model, weights]
+    if options.key_smoothing:
+        parts.append("ks")
+    if options.prompt_denoising:
+        parts.append("pd")
+    rest = {k: v for k, v in options.to_dict().items() if k not in ("key_smoothing", "prompt_denoising", "batch_size")}
+    defaults = {k: v for k, v in SegmentOptions().to_dict().items() if k in rest}
+    if rest != defaults:
+        parts.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6])
+    if "@" in clip.model_id or "+" in clip.model_id:
+        parts.append(hashlib.sha256(clip.model_id.encode()).hexdigest()[:6])
+    return "-".join(parts)
+
+
+@dataclass
+class ProjectLink:
+    """What ``/setup`` told us about a project: where its Label Studio is, and its config."""
+
+    hostname: str | None = None
+    access_token: str | None = field(default=None, repr=False)
+    label_config: str | None = None
+
+
+class Predictor:
+    """Owns the loaded model; thread-safe. Built once per process."""
+
+    def __init__(self, segmenter: Segmenter, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.segmenter = segmenter
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.options = settings.segment
+        self.version = model_version(segmenter, self.options)
+        self._default_auth = (
+            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+            if settings.label_studio_url
+            else None
+        )
+        self._links: dict[str, ProjectLink] = {}
+        self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=settings.fetch_threads, thread_name_prefix="fetch")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Predictor:
+        segmenter = Segmenter.from_pretrained(
+            settings.model,
+            settings.pretrained,
+            settings.device,
+            settings.precision,
+            cache_dir=settings.cache_dir,
+            options=settings.segment,
+        )
+        return cls(segmenter, settings, metrics)
+
+    # ------------------------------------------------------------ projects
+    def link_project(self, project: str, link: ProjectLink) -> None:
+        with self._lock:
+            self._links[project] = link
+
+    def project_link(self, project: str) -> ProjectLink | None:
+        with self._lock:
+            return self._links.get(project)
+
+    def warm_text_cache(self, schema: ProjectSchema) -> threading.Thread:
+        """Compute a project's label embeddings in the background so the first prediction is fast."""
+
+        def work() -> None:
+            for control in schema.controls:
+                try:
+                    self.segmenter.text_embeddings([list(p) for p in control.prompts])
+                except Exception:  # a warm-up failure must not take the server down
+                    log.exception("warming the text cache failed for %s", control.from_name)
+
+        thread = threading.Thread(target=work, name="text-warmup", daemon=True)
+        thread.start()
+        return thread
+
+    def fetcher_for(self, project: str | None) -> ImageFetcher:
+        auth = self._default_auth
+        link = self.project_link(project) if project else None
+        if auth is None and link is not None and link.hostname:
+            key = (link.hostname, link.access_token)
+            with self._lock:
+                auth = self._auths.get(key)
+                if auth is None:
+                    auth = self._auths[key] = LabelStudioAuth(link.hostname, link.access_token)
+        return ImageFetcher(self.settings, auth)
+
+    # ------------------------------------------------------------ predict
+    def predict(self, tasks: list[Any], schema: ProjectSchema, project: str | None = None) -> list[dict]:
+        """One prediction per task, in task order; a task that fails gets an empty result."""
+        started = time.perf_counter()
+        fetcher = self.fetcher_for(project)
+        data_keys = schema.data_keys
+        images: dict[tuple[int, str], np.ndarray] = {}
+        failures: dict[int, str] = {}
+        jobs = {}
+        for index, task in enumerate(tasks):
+            if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+                failures[index] = "the task has no 'data' object"
+                continue
+            for key in data_keys:
+                jobs[(index, key)] = self._pool.submit(fetcher.fetch, task["data"].get(key), task.get("id"))
+        for (index, key), future in jobs.items():
+            try:
+                images[(index, key)] = future.result()
+            except ImageFetchError as exc:
+                failures.setdefault(index, str(exc))
+            except Exception as exc:  # never let one task fail its neighbours
+                log.exception("unexpected error fetching task %s", _task_id(tasks[index]))
+                failures.setdefault(index, f"unexpected error: {exc.__class__.__name__}")
+        for index, reason in failures.items():
+            log.warning("task %s gets no prediction: %s", _task_id(tasks[index]), reason)
+            self.metrics.count("maskclip_task_failures_total", reason=_reason_kind(reason))
+
+        regions: dict[int, list[dict]] = {i: [] for i in range(len(tasks)) if i not in failures}
+        scores: dict[int, list[float]] = {i: [] for i in regions}
+        for control in schema.controls:
+            order = [i for i in regions if (i, control.data_key) in images]
+            if not order:
+                continue
+            labelset = LabelSet.parse([list(p) for p in control.prompts])
+            results = self.segmenter.segment_batch([images[(i, control.data_key)] for i in order], labelset)
+            for index, result in zip(order, results):
+                found = _regions(control, result)
+                regions[index] += [region for region, _ in found]
+                scores[index] += [score for _, score in found]
+
+        self.metrics.observe("maskclip_predict_seconds", time.perf_counter() - started)
+        self.metrics.count("maskclip_tasks_predicted_total", value=len(regions))
+        out = []
+        for index in range(len(tasks)):
+            task_scores = scores.get(index, [])
+            out.append(
+                {
+                    "result": regions.get(index, []),
+                    "score": round(float(np.mean(task_scores)), 4) if task_scores else 0.0,
+                    "model_version": self.version,
+                }
+            )
+        return out
+
+
+def _regions(control: LabelControl, result: SegmentationResult) -> list[tuple[dict, float]]:
+    found = []
+    for name, mask in result.masks.items():
+        score = result.scores[result.labels.index(name)]
+        if control.result_type == "brushlabels":
+            found.append((brush_region(control, name, mask, score), score))
+        else:
+            found += [(region, score) for region in polygon_regions(control, name, mask, score)]
+    return found
+
+
+def _task_id(task: Any) -> Any:
+    return task.get("id") if isinstance(task, dict) else None
+
+
+def _reason_kind(reason: str) -> str:
+    for word, kind in (
+        ("MASKCLIP_ALLOWED_HOSTS", "host_not_allowed"),
+        ("HTTP", "http_error"),
+        ("limit", "too_large"),
+        ("decode", "undecodable"),
+        ("readable", "undecodable"),
+    ):
+        if word in reason:
+            return kind
+    return "other"

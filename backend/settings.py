@@ -1,0 +1,123 @@
+"""Backend configuration, read once from environment variables.
+
+The same names work for ``maskclip-backend serve`` and under gunicorn.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from maskclip_engine import SegmentOptions
+
+from .errors import ConfigurationError
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name}={raw!r} is not a boolean; use true or false.")
+
+
+def _number(name: str, default: float, kind: type = float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number.") from None
+
+
+def _optional(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend needs to know; see the README's configuration table."""
+
+    model: str = "ViT-B-16"
+    pretrained: str = "openai"
+    device: str | None = None
+    precision: str = "fp32"
+    segment: SegmentOptions = field(default_factory=SegmentOptions)
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = field(default=None, repr=False)
+    local_files_root: Path | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    model_dir: Path = Path("models")
+    cache_dir: Path | None = None
+    redis_url: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = field(default=None, repr=False)
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_labels: int = 1000
+    fetch_timeout: float = 30.0
+    fetch_threads: int = 8
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        defaults = SegmentOptions()
+        try:
+            segment = SegmentOptions(
+                mode=os.environ.get("MASKCLIP_MODE", defaults.mode),  # type: ignore[arg-type]
+                short_side=int(_number("MASKCLIP_SHORT_SIDE", defaults.short_side, int)),
+                crop=int(_number("MASKCLIP_CROP", defaults.crop, int)),
+                stride=int(_number("MASKCLIP_STRIDE", defaults.stride, int)),
+                key_smoothing=_bool("MASKCLIP_KEY_SMOOTHING", defaults.key_smoothing),
+                prompt_denoising=_bool("MASKCLIP_PROMPT_DENOISING", defaults.prompt_denoising),
+                pd_threshold=_number("MASKCLIP_PD_THRESHOLD", defaults.pd_threshold),
+                bg_threshold=_number("MASKCLIP_BG_THRESHOLD", defaults.bg_threshold),
+                batch_size=int(_number("MASKCLIP_BATCH_SIZE", defaults.batch_size, int)),
+            )
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # an engine option error, reworded for the environment
+            raise ConfigurationError(f"invalid MASKCLIP_* segmentation setting: {exc}") from exc
+        root = _optional("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+        cache = _optional("MASKCLIP_CACHE_DIR")
+        hosts = tuple(h.strip().lower() for h in os.environ.get("MASKCLIP_ALLOWED_HOSTS", "").split(",") if h.strip())
+        settings = cls(
+            model=os.environ.get("MASKCLIP_MODEL", cls.model),
+            pretrained=os.environ.get("MASKCLIP_PRETRAINED", cls.pretrained),
+            device=_optional("MASKCLIP_DEVICE"),
+            precision=os.environ.get("MASKCLIP_PRECISION", cls.precision),
+            segment=segment,
+            label_studio_url=_optional("LABEL_STUDIO_URL"),
+            label_studio_api_key=_optional("LABEL_STUDIO_API_KEY"),
+            local_files_root=Path(root) if root else None,
+            allowed_hosts=hosts,
+            model_dir=Path(os.environ.get("MODEL_DIR", "models")),
+            cache_dir=Path(cache) if cache else None,
+            redis_url=_optional("REDIS_URL"),
+            basic_auth_user=_optional("BASIC_AUTH_USER"),
+            basic_auth_pass=_optional("BASIC_AUTH_PASS"),
+            max_image_bytes=int(_number("MASKCLIP_MAX_IMAGE_BYTES", cls.max_image_bytes, int)),
+            max_image_pixels=int(_number("MASKCLIP_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
+            max_labels=int(_number("MASKCLIP_MAX_LABELS", cls.max_labels, int)),
+            fetch_timeout=_number("MASKCLIP_FETCH_TIMEOUT", cls.fetch_timeout),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
+            raise ConfigurationError(f"LABEL_STUDIO_URL={self.label_studio_url!r} must start with http:// or https://.")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ConfigurationError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither.")
+        if self.local_files_root is not None and not self.local_files_root.is_dir():
+            raise ConfigurationError(
+                f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={self.local_files_root} is not a folder on this machine."
+            )
+        for name in ("max_image_bytes", "max_image_pixels", "max_labels"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive.")
