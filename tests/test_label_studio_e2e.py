@@ -1,0 +1,125 @@
+"""End to end with the real Label Studio server: connect, predict, read predictions back."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image
+
+from backend.fetching import ImageFetcher
+from backend.label_studio import LabelStudioAuth
+from backend.settings import Settings
+from tests.conftest import scene
+from tests.label_studio_server import TOKEN, Backend, LabelStudio
+
+LABELS = ("Wall", "Grass", "Sky")
+CONFIG = f"""<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">
+    {"".join(f'<Label value="{label}"/>' for label in LABELS)}
+  </BrushLabels>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def documents(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("documents")
+    (root / "photos").mkdir()
+    Image.fromarray(scene(96, 160, seed=11)).save(root / "photos" / "one.png")
+    Image.fromarray(scene(120, 90, seed=12)).save(root / "photos" / "two.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory: pytest.TempPathFactory, documents: Path):
+    server = LabelStudio(tmp_path_factory.mktemp("label-studio"), documents)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio: LabelStudio, documents: Path, tiny_vit, tmp_path_factory: pytest.TempPathFactory):
+    env = {
+        "MASKCLIP_MODEL": str(tiny_vit.config),
+        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
+        "MASKCLIP_DEVICE": "cpu",
+        "MASKCLIP_SHORT_SIDE": "64",
+        "MASKCLIP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
+        "HF_HUB_OFFLINE": "1",
+    }
+    server = Backend(env, tmp_path_factory.mktemp("backend") / "backend.log")
+    yield server
+    server.stop()
+
+
+def test_predictions_through_label_studio(label_studio: LabelStudio, backend: Backend) -> None:
+    project = label_studio.api("POST", "/api/projects", json={"title": "MaskCLIP e2e", "label_config": CONFIG}).json()
+    pid = project["id"]
+    label_studio.api(
+        "POST",
+        f"/api/projects/{pid}/import",
+        json=[{"image": "/data/local-files/?d=photos/one.png"}, {"image": "/data/local-files/?d=photos/two.jpg"}],
+    )
+    upload = io.BytesIO()
+    Image.fromarray(scene(80, 100, seed=13)).save(upload, format="PNG")
+    label_studio.api("POST", f"/api/projects/{pid}/import", files={"file": ("three.png", upload.getvalue())})
+    tasks = label_studio.api("GET", "/api/tasks", params={"project": pid, "page_size": 100}).json()["tasks"]
+    assert len(tasks) == 3
+
+    ml = label_studio.api(
+        "POST", "/api/ml", json={"url": backend.url, "project": pid, "title": "MaskCLIP", "is_interactive": False}
+    ).json()
+    health = label_studio.api("GET", f"/api/ml/{ml['id']}").json()
+    assert health["state"] == "CO", health  # connected: Label Studio ran /health and /setup
+    version = health["model_version"]
+    assert version.startswith("maskclip-tiny-vit-")
+
+    label_studio.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": pid},
+        json={"selectedItems": {"all": False, "included": [t["id"] for t in tasks]}},
+    )
+
+    sizes = {"one.png": (160, 96), "two.jpg": (90, 120), "three.png": (100, 80)}
+    for task in tasks:
+        predictions = label_studio.api("GET", "/api/predictions", params={"task": task["id"]}).json()
+        assert len(predictions) == 1, f"task {task['id']} has {len(predictions)} predictions"
+        prediction = predictions[0]
+        assert prediction["model_version"] == version
+        name = next(n for n in sizes if task["data"]["image"].endswith(n))
+        width, height = sizes[name]
+        assert prediction["result"], f"{name} got no regions"
+        for region in prediction["result"]:
+            assert region["type"] == "brushlabels"
+            assert region["value"]["brushlabels"][0] in LABELS
+            assert (region["original_width"], region["original_height"]) == (width, height)
+            mask = np.asarray(decode_rle(region["value"]["rle"])).reshape(height, width, 4)[:, :, 3]
+            assert mask.shape == (height, width) and mask.any()
+
+    versions = label_studio.api("GET", f"/api/ml/{ml['id']}/versions").json()
+    assert version in versions["versions"]
+
+
+def test_personal_access_tokens_fetch_uploaded_images(label_studio: LabelStudio) -> None:
+    project = label_studio.api("POST", "/api/projects", json={"title": "PAT", "label_config": CONFIG}).json()
+    upload = io.BytesIO()
+    Image.fromarray(scene(50, 70, seed=14)).save(upload, format="PNG")
+    label_studio.api("POST", f"/api/projects/{project['id']}/import", files={"file": ("pat.png", upload.getvalue())})
+    task = label_studio.api("GET", "/api/tasks", params={"project": project["id"]}).json()["tasks"][0]
+
+    personal = label_studio.api("POST", "/api/token/").json()["token"]
+    auth = LabelStudioAuth(label_studio.url, personal)
+    assert auth.personal_token
+    settings = Settings(label_studio_url=label_studio.url, label_studio_api_key=personal)
+    image = ImageFetcher(settings, auth).fetch(task["data"]["image"], task["id"])
+    assert image.shape == (50, 70, 3)
+    legacy = ImageFetcher(settings, LabelStudioAuth(label_studio.url, TOKEN)).fetch(task["data"]["image"])
+    np.testing.assert_array_equal(image, legacy)
