@@ -10,9 +10,16 @@ IMAGE ?=
 LABELS ?=
 OUT ?= out
 
-.PHONY: setup run test lint bench clean
+# The real Label Studio server for end-to-end tests lives in its own virtualenv: its pins clash with ours.
+LS_VENV ?= .venv-label-studio
+LS_STAMP := $(LS_VENV)/.installed
+LABEL_STUDIO_SPEC ?= label-studio==1.23.2
+
+.PHONY: setup run segment test lint bench label-studio clean
 
 setup: $(STAMP)
+
+label-studio: $(LS_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,18 +27,27 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet --disable-pip-version-check $(LABEL_STUDIO_SPEC)
+	touch $(LS_STAMP)
+
 run: $(STAMP)
-	@test -n "$(IMAGE)" -a -n "$(LABELS)" || { echo 'usage: make run IMAGE=photo.jpg|folder LABELS="cat,dog|puppy,grass" [OUT=out]'; exit 2; }
+	$(VENV)/bin/maskclip-backend serve
+
+segment: $(STAMP)
+	@test -n "$(IMAGE)" -a -n "$(LABELS)" || { echo 'usage: make segment IMAGE=photo.jpg|folder LABELS="cat,dog|puppy,grass" [OUT=out]'; exit 2; }
 	$(VENV)/bin/maskclip segment "$(IMAGE)" --labels "$(LABELS)" --out "$(OUT)"
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP) $(LS_STAMP)
+	LABEL_STUDIO_BIN=$(LS_VENV)/bin/label-studio $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_backend.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache

@@ -110,8 +110,10 @@ def main() -> None:
     rows = [bench(m, image, args.short_side, args.repeats, args.device) for m in args.models.split(",")]
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device: {device}, torch threads: {torch.get_num_threads()}, labels: {len(LABELS)}, "
-          f"median of {args.repeats} interleaved runs\n")
+    print(
+        f"device: {device}, torch threads: {torch.get_num_threads()}, labels: {len(LABELS)}, "
+        f"median of {args.repeats} interleaved runs\n"
+    )
     headers = list(rows[0])
     widths = [max(len(h), *(len(_fmt(r[h])) for r in rows)) for h in headers]
     print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
