@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Upsampling works on this many class-pixels at a time, so large images with
+# many labels never need a full [C, H, W] tensor.
+_UPSAMPLE_BUDGET = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -79,3 +85,45 @@ class SegmentationResult:
             "dropped": list(self.dropped),
             "unlabeled_fraction": round(float((self.label_map < 0).sum()) / total, 6),
         }
+
+
+def upsample_argmax(probs: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear upsampling of ``[C, h, w]`` probabilities to ``shape``, reduced to argmax and max."""
+    height, width = shape
+    best = torch.full(shape, -1.0, device=probs.device)
+    label = torch.zeros(shape, dtype=torch.long, device=probs.device)
+    step = max(1, _UPSAMPLE_BUDGET // (height * width))
+    for start in range(0, probs.shape[0], step):
+        up = F.interpolate(probs[None, start : start + step], size=shape, mode="bilinear", align_corners=False)[0]
+        value, index = up.max(dim=0)
+        better = value > best
+        best = torch.where(better, value, best)
+        label = torch.where(better, index + start, label)
+    return label, best
+
+
+def result_from_probabilities(
+    probs: torch.Tensor,
+    shape: tuple[int, int],
+    names: list[str],
+    kept: torch.Tensor | None = None,
+    bg_threshold: float = 0.0,
+) -> SegmentationResult:
+    """A result at ``shape`` from grid probabilities ``[C, h, w]``; classes not ``kept`` are reported dropped."""
+    if kept is None:
+        kept = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+    kept_index = torch.nonzero(kept).flatten()
+    label_map, confidence = upsample_argmax(probs[kept_index], shape)
+    label_map = kept_index[label_map]
+    label_map[confidence < bg_threshold] = -1
+    num_labels = len(names)
+    valid = label_map >= 0
+    sums = torch.zeros(num_labels, device=label_map.device).index_add_(0, label_map[valid], confidence[valid])
+    counts = torch.bincount(label_map[valid], minlength=num_labels).clamp_min(1)
+    return SegmentationResult(
+        labels=list(names),
+        label_map=label_map.to(torch.int32).cpu().numpy(),
+        confidence=confidence.cpu().numpy(),
+        scores=(sums / counts).cpu().tolist(),
+        dropped=[names[i] for i in torch.nonzero(~kept).flatten().tolist()],
+    )

@@ -19,12 +19,8 @@ from .images import resized_shape, to_rgb_array, window_starts
 from .loading import LoadedClip, load_clip
 from .prompts import LabelInput, LabelSet
 from .refinement import refine
-from .result import SegmentationResult
+from .result import SegmentationResult, result_from_probabilities
 from .text import TextEmbedder
-
-# Upsampling works on this many class-pixels at a time, so large images with
-# many labels never need a full [C, H, W] tensor.
-_UPSAMPLE_BUDGET = 1 << 26
 
 
 @dataclass
@@ -224,34 +220,4 @@ class Segmenter:
             pd_threshold=opts.pd_threshold,
             key_smooth=opts.key_smoothing,
         )
-        kept = torch.nonzero(refined.kept).flatten()
-        label_map, confidence = _upsample_argmax(refined.probs[kept], shape)
-        label_map = kept[label_map]
-        label_map[confidence < opts.bg_threshold] = -1
-        num_labels = len(labelset)
-        valid = label_map >= 0
-        sums = torch.zeros(num_labels, device=label_map.device).index_add_(0, label_map[valid], confidence[valid])
-        counts = torch.bincount(label_map[valid], minlength=num_labels).clamp_min(1)
-        names = labelset.names
-        return SegmentationResult(
-            labels=names,
-            label_map=label_map.to(torch.int32).cpu().numpy(),
-            confidence=confidence.cpu().numpy(),
-            scores=(sums / counts).cpu().tolist(),
-            dropped=[names[i] for i in torch.nonzero(~refined.kept).flatten().tolist()],
-        )
-
-
-def _upsample_argmax(probs: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear upsampling of ``[C, h, w]`` probabilities to ``shape``, reduced to argmax and max."""
-    height, width = shape
-    best = torch.full(shape, -1.0, device=probs.device)
-    label = torch.zeros(shape, dtype=torch.long, device=probs.device)
-    step = max(1, _UPSAMPLE_BUDGET // (height * width))
-    for start in range(0, probs.shape[0], step):
-        up = F.interpolate(probs[None, start : start + step], size=shape, mode="bilinear", align_corners=False)[0]
-        value, index = up.max(dim=0)
-        better = value > best
-        best = torch.where(better, value, best)
-        label = torch.where(better, index + start, label)
-    return label, best
+        return result_from_probabilities(refined.probs, shape, labelset.names, refined.kept, opts.bg_threshold)

@@ -1,0 +1,157 @@
+"""Where a project's trained students live, and which one is active.
+
+Layout under the model directory::
+
+    project-12/
+        v1.pt  v1.json      every trained version: checkpoint and its metrics
+        v2.pt  v2.json
+        active.json         {"version": "student-p12-v2", "file": "v2.pt"}
+
+Every file is written to a temporary name and renamed into place, so a killed
+job never leaves a half-written checkpoint behind a version name, and the
+active pointer only ever names a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .student import StudentCheckpoint
+
+_VERSION_FILE = re.compile(r"^v(\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class StudentVersion:
+    project: str
+    number: int
+    name: str  # e.g. "student-p12-v3"
+    checkpoint: Path
+    metrics: dict[str, Any]
+    info: dict[str, Any]
+    active: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.name, "active": self.active, "metrics": self.metrics, **self.info}
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ModelRegistry:
+    """Per-project student versions under ``model_dir``; safe for several processes reading at once.
+
+    Writes for one project come from one training job at a time (the queue
+    guarantees it), so numbering needs no lock across processes.
+    """
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._lock = threading.Lock()
+
+    def folder(self, project: str | int) -> Path:
+        return self.model_dir / f"project-{project}"
+
+    @staticmethod
+    def version_name(project: str | int, number: int) -> str:
+        return f"student-p{project}-v{number}"
+
+    def versions(self, project: str | int) -> list[StudentVersion]:
+        folder = self.folder(project)
+        if not folder.is_dir():
+            return []
+        active = self.active_name(project)
+        found = []
+        for entry in sorted(folder.iterdir()):
+            match = _VERSION_FILE.match(entry.name)
+            checkpoint = folder / f"v{match.group(1)}.pt" if match else None
+            if match is None or not checkpoint.is_file():
+                continue
+            try:
+                meta = json.loads(entry.read_text())
+            except (OSError, ValueError):
+                continue
+            number = int(match.group(1))
+            name = self.version_name(project, number)
+            found.append(
+                StudentVersion(
+                    str(project),
+                    number,
+                    name,
+                    checkpoint,
+                    meta.get("metrics", {}),
+                    meta.get("info", {}),
+                    active=name == active,
+                )
+            )
+        return sorted(found, key=lambda v: v.number)
+
+    def all_versions(self) -> list[dict[str, Any]]:
+        """Every project's versions, as dictionaries with their project."""
+        if not self.model_dir.is_dir():
+            return []
+        out = []
+        for folder in sorted(self.model_dir.glob("project-*")):
+            project = folder.name.removeprefix("project-")
+            out += [{**v.to_dict(), "project": project} for v in self.versions(project)]
+        return out
+
+    def add(self, project: str | int, checkpoint: StudentCheckpoint) -> StudentVersion:
+        """Store a new version (not yet active): checkpoint first, then its metrics file."""
+        with self._lock:
+            existing = [v.number for v in self.versions(project)]
+            folder = self.folder(project)
+            taken = (
+                [int(m.group(1)) for p in folder.glob("v*.pt") if (m := re.match(r"^v(\d+)\.pt$", p.name))]
+                if folder.is_dir()
+                else []
+            )
+            number = max(existing + taken, default=0) + 1
+            name = self.version_name(project, number)
+            checkpoint.info = {
+                **checkpoint.info,
+                "version": name,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            path = folder / f"v{number}.pt"
+            checkpoint.save(path)
+            meta = {"metrics": checkpoint.metrics, "info": checkpoint.info}
+            write_atomic(folder / f"v{number}.json", json.dumps(meta, indent=2).encode())
+        return StudentVersion(str(project), number, name, path, checkpoint.metrics, checkpoint.info)
+
+    def activate(self, version: StudentVersion) -> None:
+        pointer = {"version": version.name, "file": version.checkpoint.name}
+        write_atomic(self.folder(version.project) / "active.json", json.dumps(pointer).encode())
+
+    def active_name(self, project: str | int) -> str | None:
+        try:
+            pointer = json.loads((self.folder(project) / "active.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return pointer.get("version") if isinstance(pointer, dict) else None
+
+    def active(self, project: str | int) -> StudentVersion | None:
+        name = self.active_name(project)
+        return next((v for v in self.versions(project) if v.name == name), None) if name else None
+
+    def find(self, project: str | int, name: str) -> StudentVersion | None:
+        return next((v for v in self.versions(project) if v.name == name), None)

@@ -1,0 +1,57 @@
+"""Segmenting with a trained student: the same result type as MaskCLIP's own ``segment``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .images import resized_shape, to_rgb_array
+from .result import SegmentationResult, result_from_probabilities
+from .segmenter import Segmenter
+from .student import StudentCheckpoint, StudentNet
+
+
+class StudentSegmenter:
+    """A student over the shared CLIP model: ``segment(image) -> SegmentationResult`` for its own labels.
+
+    Thread-safe: the student is frozen and in eval mode.
+    """
+
+    def __init__(self, segmenter: Segmenter, checkpoint: StudentCheckpoint) -> None:
+        self.segmenter = segmenter
+        self.checkpoint = checkpoint
+        self.net = checkpoint.net.to(segmenter.clip.device).eval()
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.checkpoint.labels)
+
+    def segment(self, image: Any, bg_threshold: float = 0.0) -> SegmentationResult:
+        return self.segment_batch([image], bg_threshold)[0]
+
+    @torch.inference_mode()
+    def segment_batch(self, images: Sequence[Any], bg_threshold: float = 0.0) -> list[SegmentationResult]:
+        results = []
+        for image in images:
+            rgb = to_rgb_array(image)
+            probs = student_probabilities(self.segmenter, self.net, rgb)
+            results.append(result_from_probabilities(probs, rgb.shape[:2], self.labels, bg_threshold=bg_threshold))
+        return results
+
+
+def student_probabilities(segmenter: Segmenter, net: StudentNet, rgb: np.ndarray) -> torch.Tensor:
+    """Class probabilities ``[C, h, w]`` of one image on the student's output grid."""
+    options = segmenter.options
+    stride = segmenter.stride if net.needs_clip_features else 32
+    size = resized_shape(*rgb.shape[:2], options.short_side, options.max_long_side, stride)
+    pixels = segmenter.normalize(rgb, size)[None]
+    if net.needs_clip_features:
+        features, _ = segmenter.dense_features_and_keys(pixels)
+        logits = net(clip_features=features)
+    else:
+        unit = pixels * segmenter._std + segmenter._mean  # back to 0..1: the ResNet normalises its own way
+        logits = net(pixels=unit)
+    return torch.softmax(logits[0].float(), dim=0)
