@@ -1,0 +1,126 @@
+"""``maskclip-worker`` and the ``maskclip train`` / ``maskclip jobs`` commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import click
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+from tqdm import tqdm
+
+from backend.errors import BackendError
+from backend.settings import Settings
+
+from .context import shared_segmenter
+from .queue import connect, enqueue_training, recent_jobs
+
+
+def _settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command()
+@click.option("--redis-url", envvar="REDIS_URL", required=True, help="The queue's Redis (redis:// or unix://).")
+@click.option("--queue", "queue_name", envvar="MASKCLIP_QUEUE", default="maskclip-training", show_default=True)
+@click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
+@click.option("--preload/--no-preload", default=True, show_default=True, help="Load CLIP before the first job.")
+@click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
+def worker(redis_url: str, queue_name: str, burst: bool, preload: bool, log_level: str) -> None:
+    """Run training jobs. CLIP is loaded once per process and reused by every job.
+
+    Jobs run in this process (no fork per job), which keeps the model loaded
+    and is safe with CUDA.
+    """
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings()
+    if preload:
+        shared_segmenter(settings)
+    connection = connect(redis_url)
+    SimpleWorker([Queue(queue_name, connection=connection)], connection=connection).work(
+        burst=burst, logging_level=log_level.upper()
+    )
+
+
+@click.command()
+@click.option("--project", type=int, required=True, help="The Label Studio project id.")
+@click.option("--redis-url", envvar="REDIS_URL", required=True)
+@click.option("--wait", is_flag=True, help="Follow the job's progress until it ends.")
+def train(project: int, redis_url: str, wait: bool) -> None:
+    """Queue training for a project (as Label Studio's Start Training button does)."""
+    settings = _settings()
+    connection = connect(redis_url)
+    job_id, created = enqueue_training(
+        connection, project, trigger="cli", queue_name=settings.queue_name, job_timeout=settings.job_timeout
+    )
+    click.echo(f"{'queued' if created else 'already queued or running'}: job {job_id} for project {project}")
+    if wait:
+        _follow(Job.fetch(job_id, connection=connection))
+
+
+def _follow(job: Job) -> None:
+    bar = tqdm(desc=f"project {job.meta.get('project')}", unit="step")
+    try:
+        while True:
+            status = job.get_status()
+            job.refresh()
+            meta = job.meta
+            if meta.get("iterations"):
+                bar.total = meta["iterations"]
+                bar.n = meta.get("step", 0)
+            bar.set_postfix(phase=meta.get("phase"), loss=f"{meta.get('loss', 0):.3f}", refresh=True)
+            if status in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                break
+            time.sleep(1)
+    finally:
+        bar.close()
+    if status == JobStatus.FINISHED:
+        click.echo(json.dumps(job.return_value(), indent=2))
+    else:
+        raise click.ClickException(f"job {job.id} {status}: {(job.exc_info or '').strip().splitlines()[-1:]}")
+
+
+@click.command()
+@click.option("--redis-url", envvar="REDIS_URL", required=True)
+@click.option("--limit", type=int, default=20, show_default=True)
+def jobs(redis_url: str, limit: int) -> None:
+    """Recent training jobs and their state."""
+    settings = _settings()
+    rows = []
+    for job in recent_jobs(connect(redis_url), settings.queue_name, limit):
+        meta = job.meta
+        progress = f"{meta.get('step', 0)}/{meta['iterations']}" if meta.get("iterations") else ""
+        outcome = ""
+        if job.get_status() == JobStatus.FINISHED and isinstance(job.return_value(), dict):
+            outcome = job.return_value().get("reason", "")
+        elif job.get_status() == JobStatus.FAILED:
+            outcome = (job.exc_info or "").strip().splitlines()[-1] if job.exc_info else "failed"
+        when = job.enqueued_at.strftime("%Y-%m-%d %H:%M") if job.enqueued_at else ""
+        rows.append(
+            (
+                job.id,
+                str(meta.get("project", "")),
+                when,
+                job.get_status().value,
+                str(meta.get("phase", "")),
+                progress,
+                outcome,
+            )
+        )
+    if not rows:
+        click.echo("no training jobs")
+        return
+    headers = ("job", "project", "queued", "status", "phase", "step", "outcome")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    worker()
