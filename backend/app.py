@@ -12,10 +12,12 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
+from redis.exceptions import RedisError
 
 from maskclip_engine import MaskClipError
+from workers.queue import connect, count_annotation, enqueue_training
 
-from .errors import BackendError, BadRequestError
+from .errors import BackendError, BadRequestError, QueueUnavailableError
 from .label_config import SchemaCache
 from .metrics import Metrics
 from .predictor import Predictor, ProjectLink
@@ -33,6 +35,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     metrics = predictor.metrics if predictor is not None else Metrics()
     predictor = predictor or Predictor.from_settings(settings, metrics)
     schemas = SchemaCache(settings.max_labels)
+    queue = TrainingQueue(settings, predictor)
     warmed: set[str] = set()
     warm_lock = threading.Lock()
 
@@ -105,7 +108,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             warmed.add(config)
         if fresh:
             predictor.warm_text_cache(schema)
-        return jsonify({"model_version": predictor.version})
+        return jsonify({"model_version": predictor.project_version(project, schema)})
 
     @app.post("/predict")
     def predict():
@@ -120,8 +123,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             config = link.label_config if link else None
         if not config:
             raise BadRequestError("the body needs 'label_config' (the project's labeling config XML).")
-        results = predictor.predict(tasks, schemas.get(config), project)
-        return jsonify({"results": results, "model_version": predictor.version})
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        requested = body.get("model_version") or params.get("model_version")
+        results = predictor.predict(tasks, schemas.get(config), project, requested=requested)
+        served = results[0]["model_version"] if results else predictor.project_version(project, None)
+        return jsonify({"results": results, "model_version": served})
 
     @app.post("/webhook")
     def webhook():
@@ -129,17 +135,78 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         action = body.get("action")
         if action not in TRAINING_EVENTS:
             return jsonify({"status": "ignored", "action": action}), 200
+        project = body.get("project")
+        project_id = _project_id(project.get("id") if isinstance(project, dict) else project)
+        if action == "START_TRAINING":
+            return jsonify(queue.enqueue(project_id, "start_training")), 200
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED") and queue.count_annotation(project_id):
+            return jsonify(queue.enqueue(project_id, f"every {settings.train_every} annotations")), 200
         return jsonify({"status": "received", "action": action}), 200
+
+    @app.post("/train")
+    def train():
+        """Label Studio's older training call (without the webhook feature flag)."""
+        body = _json_body()
+        return jsonify(queue.enqueue(_project_id(body.get("project")), "start_training")), 200
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        return jsonify({"versions": [predictor.version]})
+        body = request.get_json(silent=True) or {}
+        project = _project_id(body.get("project") or request.args.get("project"), required=False)
+        details = predictor.versions(project)
+        return jsonify({"versions": [d["version"] for d in details], "details": details})
 
     @app.get("/metrics")
     def prometheus():
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return app
+
+
+class TrainingQueue:
+    """The webhook side of training: enqueue at once, never train on the request path."""
+
+    def __init__(self, settings: Settings, predictor: Predictor) -> None:
+        self.settings = settings
+        self.predictor = predictor
+        self._connection = None
+
+    def connection(self):
+        if not self.settings.redis_url:
+            raise QueueUnavailableError(
+                "training needs a queue: set REDIS_URL, or start the backend with `maskclip-backend serve`, "
+                "which runs its own."
+            )
+        if self._connection is None:
+            self._connection = connect(self.settings.redis_url)
+        return self._connection
+
+    def enqueue(self, project: str, trigger: str) -> dict[str, Any]:
+        link = self.predictor.project_link(project)
+        kwargs = {}
+        if not self.settings.label_studio_url and link is not None and link.hostname:
+            # The worker learns where Label Studio is from what Label Studio told this backend.
+            kwargs["label_studio"] = {"url": link.hostname, "token": link.access_token}
+        try:
+            job_id, created = enqueue_training(
+                self.connection(),
+                int(project),
+                trigger=trigger,
+                queue_name=self.settings.queue_name,
+                job_timeout=self.settings.job_timeout,
+                kwargs=kwargs,
+            )
+        except RedisError as exc:
+            raise QueueUnavailableError(f"the training queue is unreachable: {exc}") from exc
+        return {"status": "queued" if created else "coalesced", "job": job_id, "job_id": job_id}
+
+    def count_annotation(self, project: str) -> bool:
+        if self.settings.train_every <= 0:
+            return False
+        try:
+            return count_annotation(self.connection(), int(project), self.settings.train_every)
+        except RedisError as exc:
+            raise QueueUnavailableError(f"the training queue is unreachable: {exc}") from exc
 
 
 def _json_body() -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 
 import click
 
@@ -36,7 +38,11 @@ def main() -> None:
 )
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)
 def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> None:
-    """Load the model once and serve Label Studio's ML backend protocol."""
+    """Load the model once and serve Label Studio's ML backend protocol.
+
+    Without REDIS_URL, an embedded Redis and one training worker start beside
+    the server, so one machine needs no other services.
+    """
     from gunicorn.app.base import BaseApplication
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -44,6 +50,13 @@ def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> N
         settings = Settings.from_env()
     except BackendError as exc:
         raise click.ClickException(str(exc)) from exc
+    embedded = None
+    if not settings.redis_url:
+        from workers.embedded import EmbeddedQueue
+
+        embedded = EmbeddedQueue(settings.model_dir / ".queue")
+        os.environ["REDIS_URL"] = embedded.url
+        settings = dataclasses.replace(settings, redis_url=embedded.url)
 
     class _Server(BaseApplication):
         def load_config(self) -> None:
@@ -53,6 +66,8 @@ def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> N
             self.cfg.set("timeout", timeout)
             self.cfg.set("accesslog", "-")
             self.cfg.set("loglevel", log_level.lower())
+            if embedded is not None:
+                self.cfg.set("on_exit", lambda _arbiter: embedded.stop())
 
         def load(self):
             from maskclip_engine import MaskClipError
@@ -65,4 +80,8 @@ def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> N
                 logging.getLogger("backend").error("cannot start the backend: %s", exc)
                 raise SystemExit(3) from None  # gunicorn's "worker failed to boot": it stops, no restart loop
 
-    _Server().run()
+    try:
+        _Server().run()
+    finally:
+        if embedded is not None and embedded.worker.poll() is None:
+            embedded.stop()

@@ -23,3 +23,9 @@ class BadRequestError(BackendError):
 
 class ImageFetchError(BackendError):
     """A task's image could not be fetched or is not allowed; the task gets an empty prediction."""
+
+
+class QueueUnavailableError(BackendError):
+    """Training cannot be queued right now."""
+
+    status = 503

@@ -9,11 +9,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from maskclip_engine import LabelSet, SegmentationResult, Segmenter, SegmentOptions
+from maskclip_engine.registry import ModelRegistry, StudentVersion
+from maskclip_engine.student import StudentCheckpoint
+from maskclip_engine.student_segmenter import StudentSegmenter
 
 from .errors import ImageFetchError
 from .fetching import ImageFetcher
@@ -35,7 +39,7 @@ def model_version(segmenter: Segmenter, options: SegmentOptions) -> str:
     clip = segmenter.clip
     model = clip.model_id.split("@")[0].replace("/", "-")
     kind, _, value = clip.weights_id.partition(":")
-    weights = value if kind == "tag" else f"{kind}{value[:8]}" if value else kind
+    weights = value if kind == "tag" else f"w{value[:8]}" if value else kind
     parts = ["maskclip", model, weights]
     if options.key_smoothing:
         parts.append("ks")
@@ -73,6 +77,8 @@ class Predictor:
             if settings.label_studio_url
             else None
         )
+        self.registry = ModelRegistry(settings.model_dir)
+        self._students: dict[Path, tuple[float, StudentSegmenter]] = {}
         self._links: dict[str, ProjectLink] = {}
         self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
         self._lock = threading.Lock()
@@ -124,8 +130,61 @@ class Predictor:
                     auth = self._auths[key] = LabelStudioAuth(link.hostname, link.access_token)
         return ImageFetcher(self.settings, auth)
 
+    # ------------------------------------------------------------ students
+    def student_for(
+        self, project: str | None, control: LabelControl, requested: str | None = None
+    ) -> tuple[str, StudentSegmenter] | None:
+        """The project's active student (or the ``requested`` version) if it was trained for ``control``."""
+        if not project or requested == self.version:
+            return None
+        version = self.registry.find(project, requested) if requested else self.registry.active(project)
+        if version is None:
+            return None
+        student = self._load_student(version)
+        info = student.checkpoint.info
+        if student.labels != list(control.labels) or info.get("from_name", control.from_name) != control.from_name:
+            return None  # the labels changed since it was trained: MaskCLIP serves until a new student exists
+        return version.name, student
+
+    def _load_student(self, version: StudentVersion) -> StudentSegmenter:
+        mtime = version.checkpoint.stat().st_mtime
+        with self._lock:
+            cached = self._students.get(version.checkpoint)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        student = StudentSegmenter(
+            self.segmenter, StudentCheckpoint.load(version.checkpoint, self.segmenter.clip.device)
+        )
+        with self._lock:
+            self._students[version.checkpoint] = (mtime, student)
+        return student
+
+    def project_version(self, project: str | None, schema: ProjectSchema | None) -> str:
+        """The version that predictions for ``project`` come from now."""
+        if project and schema is not None:
+            served = self.student_for(project, schema.controls[0])
+            if served is not None:
+                return served[0]
+        return self.version
+
+    def versions(self, project: str | None) -> list[dict]:
+        """MaskCLIP's version and the students of ``project``, or of every project when none is named.
+
+        Label Studio 1.23 asks ``GET /versions`` without saying which project it
+        means; student versions name their project (``student-p12-v3``).
+        """
+        students = [v.to_dict() for v in self.registry.versions(project)] if project else self.registry.all_versions()
+        base = {
+            "version": self.version,
+            "model": "maskclip",
+            "active": not (project and any(s["active"] for s in students)),
+        }
+        return [base, *students]
+
     # ------------------------------------------------------------ predict
-    def predict(self, tasks: list[Any], schema: ProjectSchema, project: str | None = None) -> list[dict]:
+    def predict(
+        self, tasks: list[Any], schema: ProjectSchema, project: str | None = None, requested: str | None = None
+    ) -> list[dict]:
         """One prediction per task, in task order; a task that fails gets an empty result."""
         started = time.perf_counter()
         fetcher = self.fetcher_for(project)
@@ -153,12 +212,19 @@ class Predictor:
 
         regions: dict[int, list[dict]] = {i: [] for i in range(len(tasks)) if i not in failures}
         scores: dict[int, list[float]] = {i: [] for i in regions}
+        version = self.version
         for control in schema.controls:
             order = [i for i in regions if (i, control.data_key) in images]
             if not order:
                 continue
-            labelset = LabelSet.parse([list(p) for p in control.prompts])
-            results = self.segmenter.segment_batch([images[(i, control.data_key)] for i in order], labelset)
+            batch = [images[(i, control.data_key)] for i in order]
+            served = self.student_for(project, control, requested)
+            if served is not None:
+                version, student = served
+                results = student.segment_batch(batch, bg_threshold=self.options.bg_threshold)
+            else:
+                labelset = LabelSet.parse([list(p) for p in control.prompts])
+                results = self.segmenter.segment_batch(batch, labelset)
             for index, result in zip(order, results):
                 found = _regions(control, result)
                 regions[index] += [region for region, _ in found]
@@ -173,7 +239,7 @@ class Predictor:
                 {
                     "result": regions.get(index, []),
                     "score": round(float(np.mean(task_scores)), 4) if task_scores else 0.0,
-                    "model_version": self.version,
+                    "model_version": version,
                 }
             )
         return out

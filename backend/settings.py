@@ -63,6 +63,15 @@ class Settings:
     max_labels: int = 1000
     fetch_timeout: float = 30.0
     fetch_threads: int = 8
+    queue_name: str = "maskclip-training"
+    train_every: int = 0  # enqueue training after this many new/updated annotations (0: only on request)
+    train_iterations: int = 400
+    train_batch_size: int = 4
+    train_crop: int = 320
+    train_lr: float = 0.01
+    student_backbone: str = "clip"
+    holdout_fraction: float = 0.2
+    job_timeout: int = 6 * 3600
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -105,6 +114,15 @@ class Settings:
             max_image_pixels=int(_number("MASKCLIP_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
             max_labels=int(_number("MASKCLIP_MAX_LABELS", cls.max_labels, int)),
             fetch_timeout=_number("MASKCLIP_FETCH_TIMEOUT", cls.fetch_timeout),
+            queue_name=os.environ.get("MASKCLIP_QUEUE", cls.queue_name),
+            train_every=int(_number("MASKCLIP_TRAIN_EVERY", cls.train_every, int)),
+            train_iterations=int(_number("MASKCLIP_TRAIN_ITERATIONS", cls.train_iterations, int)),
+            train_batch_size=int(_number("MASKCLIP_TRAIN_BATCH_SIZE", cls.train_batch_size, int)),
+            train_crop=int(_number("MASKCLIP_TRAIN_CROP", cls.train_crop, int)),
+            train_lr=_number("MASKCLIP_TRAIN_LR", cls.train_lr),
+            student_backbone=os.environ.get("MASKCLIP_STUDENT_BACKBONE", cls.student_backbone),
+            holdout_fraction=_number("MASKCLIP_HOLDOUT_FRACTION", cls.holdout_fraction),
+            job_timeout=int(_number("MASKCLIP_JOB_TIMEOUT", cls.job_timeout, int)),
         )
         settings.validate()
         return settings
@@ -118,6 +136,12 @@ class Settings:
             raise ConfigurationError(
                 f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={self.local_files_root} is not a folder on this machine."
             )
-        for name in ("max_image_bytes", "max_image_pixels", "max_labels"):
+        for name in ("max_image_bytes", "max_image_pixels", "max_labels", "train_iterations", "train_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive.")
+        if self.student_backbone not in ("clip", "resnet50", "resnet101"):
+            raise ConfigurationError(
+                f"MASKCLIP_STUDENT_BACKBONE={self.student_backbone!r}: use clip, resnet50 or resnet101."
+            )
+        if not 0 < self.holdout_fraction < 1:
+            raise ConfigurationError("MASKCLIP_HOLDOUT_FRACTION must be between 0 and 1.")
