@@ -68,3 +68,19 @@ def scene(height: int = 96, width: int = 160, seed: int = 0) -> np.ndarray:
     image[height // 3 : 2 * height // 3, width // 4 : 3 * width // 4] = (60, 80, 220)
     image += rng.normal(0, 20, image.shape)
     return image.clip(0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def documents(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local-files document root shared by Label Studio and the backend in end-to-end tests."""
+    return tmp_path_factory.mktemp("documents")
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory, documents: Path):
+    """The real Label Studio server, started once for the whole run."""
+    from tests.label_studio_server import LabelStudio
+
+    server = LabelStudio(tmp_path_factory.mktemp("label-studio"), documents)
+    yield server
+    server.stop()

@@ -13,7 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
+from label_studio_sdk.converter.brush import mask2rle
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "e2e0123456789abcdef0123456789abcdef01234"
@@ -137,3 +140,57 @@ class Backend:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, 9)
                 self.process.wait()
+
+
+def brush_results(labels: np.ndarray, names: list[str], from_name: str = "tag", to_name: str = "image") -> list[dict]:
+    """A label map as Label Studio brush results, one per label present (as an annotator would submit)."""
+    height, width = labels.shape
+    results = []
+    for index, name in enumerate(names):
+        mask = labels == index
+        if mask.any():
+            results.append(
+                {
+                    "from_name": from_name,
+                    "to_name": to_name,
+                    "type": "brushlabels",
+                    "original_width": width,
+                    "original_height": height,
+                    "image_rotation": 0,
+                    "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [name]},
+                }
+            )
+    return results
+
+
+def brush_config(names: list[str]) -> str:
+    labels = "".join(f'<Label value="{name}"/>' for name in names)
+    control = f'<BrushLabels name="tag" toName="image">{labels}</BrushLabels>'
+    return f'<View><Image name="image" value="$image"/>{control}</View>'
+
+
+def scene_project(
+    server: LabelStudio, documents: Path, title: str, annotated: int, plain: int
+) -> tuple[int, list[dict]]:
+    """A project of synthetic scenes under the local-files root; the first ``annotated`` get annotations."""
+    from tests.scenes import CLASSES, make_scene
+
+    folder = documents / title.replace(" ", "-")
+    folder.mkdir(parents=True, exist_ok=True)
+    project = server.api("POST", "/api/projects", json={"title": title, "label_config": brush_config(CLASSES)}).json()
+    scenes = {}
+    for i in range(annotated + plain):
+        image, labels = make_scene(3000 + i)
+        Image.fromarray(image).save(folder / f"scene{i}.png")
+        scenes[f"{folder.name}/scene{i}.png"] = labels
+    server.api(
+        "POST",
+        f"/api/projects/{project['id']}/import",
+        json=[{"image": f"/data/local-files/?d={name}"} for name in scenes],
+    )
+    tasks = server.api("GET", "/api/tasks", params={"project": project["id"], "page_size": 1000}).json()["tasks"]
+    tasks.sort(key=lambda t: t["id"])
+    for task in tasks[:annotated]:
+        labels = scenes[task["data"]["image"].split("?d=", 1)[1]]
+        server.api("POST", f"/api/tasks/{task['id']}/annotations", json={"result": brush_results(labels, CLASSES)})
+    return project["id"], tasks

@@ -174,7 +174,7 @@ def test_inline_data_urls(client) -> None:
     assert reply.json["results"][0]["result"][0]["original_width"] == 50
 
 
-@pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "START_TRAINING", "PROJECT_UPDATED"])
+@pytest.mark.parametrize("action", ["ANNOTATION_CREATED", "PROJECT_UPDATED"])
 def test_webhook_answers_at_once(client, action: str) -> None:
     started = time.perf_counter()
     reply = client.post("/webhook", json={"action": action, "project": {"id": 7}})
@@ -183,9 +183,16 @@ def test_webhook_answers_at_once(client, action: str) -> None:
     assert reply.json["status"] == ("ignored" if action == "PROJECT_UPDATED" else "received")
 
 
+def test_training_without_a_queue_says_how_to_get_one(client) -> None:
+    reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+    assert reply.status_code == 503 and "REDIS_URL" in reply.json["error"]
+
+
 def test_versions(client, predictor: Predictor) -> None:
-    assert client.get("/versions").json == {"versions": [predictor.version]}
-    assert client.post("/versions", json={"project": "7.1"}).json == {"versions": [predictor.version]}
+    assert client.get("/versions").json["versions"] == [predictor.version]
+    reply = client.post("/versions", json={"project": "7.1"}).json
+    assert reply["versions"] == [predictor.version]
+    assert reply["details"] == [{"version": predictor.version, "model": "maskclip", "active": True}]
 
 
 def test_basic_auth_guards_everything_but_health(settings: Settings, predictor: Predictor) -> None:

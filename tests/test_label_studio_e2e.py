@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
@@ -14,7 +16,7 @@ from backend.fetching import ImageFetcher
 from backend.label_studio import LabelStudioAuth
 from backend.settings import Settings
 from tests.conftest import scene
-from tests.label_studio_server import TOKEN, Backend, LabelStudio
+from tests.label_studio_server import TOKEN, Backend, LabelStudio, scene_project
 
 LABELS = ("Wall", "Grass", "Sky")
 CONFIG = f"""<View>
@@ -25,20 +27,11 @@ CONFIG = f"""<View>
 </View>"""
 
 
-@pytest.fixture(scope="module")
-def documents(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("documents")
-    (root / "photos").mkdir()
-    Image.fromarray(scene(96, 160, seed=11)).save(root / "photos" / "one.png")
-    Image.fromarray(scene(120, 90, seed=12)).save(root / "photos" / "two.jpg")
-    return root
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory: pytest.TempPathFactory, documents: Path):
-    server = LabelStudio(tmp_path_factory.mktemp("label-studio"), documents)
-    yield server
-    server.stop()
+@pytest.fixture(scope="module", autouse=True)
+def photos(documents: Path) -> None:
+    (documents / "photos").mkdir(exist_ok=True)
+    Image.fromarray(scene(96, 160, seed=11)).save(documents / "photos" / "one.png")
+    Image.fromarray(scene(120, 90, seed=12)).save(documents / "photos" / "two.jpg")
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +116,57 @@ def test_personal_access_tokens_fetch_uploaded_images(label_studio: LabelStudio)
     assert image.shape == (50, 70, 3)
     legacy = ImageFetcher(settings, LabelStudioAuth(label_studio.url, TOKEN)).fetch(task["data"]["image"])
     np.testing.assert_array_equal(image, legacy)
+
+
+def test_start_training_in_label_studio_then_predictions_come_from_the_student(
+    label_studio: LabelStudio, documents: Path, tiny_vit, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Annotate, press Start Training (through the API), let the backend's own worker train, predict again."""
+    project, tasks = scene_project(label_studio, documents, "e2e training", annotated=8, plain=2)
+    env = {
+        "MASKCLIP_MODEL": str(tiny_vit.config),
+        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
+        "MASKCLIP_DEVICE": "cpu",
+        "MASKCLIP_SHORT_SIDE": "256",
+        "MASKCLIP_CACHE_DIR": str(tmp_path_factory.mktemp("train-cache")),
+        "MASKCLIP_TRAIN_ITERATIONS": "200",
+        "MASKCLIP_TRAIN_CROP": "256",
+        "MASKCLIP_TRAIN_LR": "0.05",
+        "MODEL_DIR": str(tmp_path_factory.mktemp("e2e-models")),
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
+        "HF_HUB_OFFLINE": "1",
+        "REDIS_URL": "",  # no queue given: `serve` runs its own Redis and worker
+    }
+    backend = Backend(env, tmp_path_factory.mktemp("train-backend") / "backend.log")
+    try:
+        ml = label_studio.api("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "MaskCLIP"})
+        ml_id = ml.json()["id"]
+        label_studio.api("POST", f"/api/ml/{ml_id}/train")
+
+        student = f"student-p{project}-v1"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            details = requests.get(f"{backend.url}/versions", json={"project": f"{project}.1"}, timeout=10).json()
+            if any(d["version"] == student and d.get("active") for d in details["details"]):
+                break
+            assert backend.process.poll() is None, backend.log.read_text()[-3000:]
+            time.sleep(1)
+        else:
+            pytest.fail(f"no promoted student within 300 s:\n{backend.log.read_text()[-3000:]}")
+
+        label_studio.api(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": False, "included": [t["id"] for t in tasks]}},
+        )
+        for task in tasks:
+            predictions = label_studio.api("GET", "/api/predictions", params={"task": task["id"]}).json()
+            versions = {p["model_version"] for p in predictions}
+            assert student in versions, f"task {task['id']} has predictions from {versions}"
+        listed = label_studio.api("GET", f"/api/ml/{ml_id}/versions").json()["versions"]
+        assert student in listed
+    finally:
+        backend.stop()

@@ -70,17 +70,23 @@ def make_tiny_model(name: str, folder: Path, seed: int = 0) -> TinyModel:
 
 
 def _spread_weights(model: torch.nn.Module) -> None:
-    """open_clip zero-initialises some layers (LayerScale-free ResNet bn3, ...); give every
-    parameter random values so that each path really contributes and tests can tell them apart."""
+    """Give every parameter random values that keep images apart in feature space.
+
+    open_clip zero-initialises some layers (ResNet ``bn3``) and starts LayerNorms
+    at unit weight and zero bias; small random biases and unit-scale norm
+    weights make each path contribute, so tests can tell paths apart, while
+    keeping per-location features distinct (as real CLIP features are).
+    """
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "logit" in name:
-                continue
-            if name.endswith(("bn1.weight", "bn2.weight", "bn3.weight", "ln_1.weight", "ln_2.weight")):
-                param.uniform_(0.5, 1.5)
-            elif param.ndim == 1:
-                param.normal_(0, 0.1)
         for module in model.modules():
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.02)
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
+        for name, param in model.named_parameters():
+            if param.ndim == 1 and name.endswith("bias") and "ln" not in name and "bn" not in name:
+                param.normal_(0, 0.02)
+        if hasattr(model.visual, "class_embedding"):
+            model.visual.class_embedding.normal_(0, 0.1)

