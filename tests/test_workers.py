@@ -219,3 +219,41 @@ def test_a_killed_job_leaves_no_half_written_active_model(redis, with_label_stud
     assert [v.name for v in registry.versions(project)] == versions_before
     for version in registry.versions(project):
         StudentCheckpoint.load(version.checkpoint)  # every listed version is complete
+
+
+def test_train_and_jobs_commands(env, redis) -> None:
+    from click.testing import CliRunner
+
+    from maskclip_engine.cli import main
+
+    queued = CliRunner().invoke(main, ["train", "--project", "31"])
+    assert queued.exit_code == 0, queued.output
+    assert "queued: job train-p31-" in queued.output
+    again = CliRunner().invoke(main, ["train", "--project", "31"])
+    assert "already queued or running" in again.output
+    listing = CliRunner().invoke(main, ["jobs"])
+    assert listing.exit_code == 0
+    lines = listing.output.splitlines()
+    assert lines[0].split()[:4] == ["job", "project", "queued", "status"]
+    assert any(line.startswith("train-p31-") and " queued " in line for line in lines[1:])
+
+
+def test_compose_file_wires_the_stack() -> None:
+    import shutil
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"label-studio", "redis", "maskclip", "worker", "worker-gpu"} <= set(services)
+    for name in ("maskclip", "worker", "worker-gpu"):
+        environment = services[name]["environment"]
+        assert environment["REDIS_URL"] == "redis://redis:6379/0"
+        assert environment["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        assert any(volume.startswith("models:") for volume in services[name]["volumes"])
+    assert services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert services["worker"]["command"] == ["maskclip-worker"]
+    compose_cli = shutil.which("docker-compose")
+    if compose_cli:  # the real parser, where it is installed
+        subprocess.run([compose_cli, "-f", str(root / "docker-compose.yml"), "config", "-q"], check=True)

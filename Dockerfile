@@ -1,0 +1,20 @@
+# The backend and the training worker: one image, two commands (see docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+
+# torch first, on its own, so its build is chosen here; TORCH_INDEX picks CPU or a CUDA build.
+ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+ARG TORCH_INDEX=""
+RUN pip install ${TORCH_INDEX:+--index-url $TORCH_INDEX} $TORCH_SPEC
+
+COPY pyproject.toml README.md ./
+COPY maskclip_engine maskclip_engine
+COPY backend backend
+COPY workers workers
+RUN pip install ".[server,worker]"
+
+ENV MODEL_DIR=/data/models MASKCLIP_CACHE_DIR=/data/cache MASKCLIP_HOST=0.0.0.0 MASKCLIP_PORT=9090
+EXPOSE 9090
+CMD ["gunicorn", "--workers", "1", "--threads", "4", "--timeout", "600", "--bind", "0.0.0.0:9090", "backend.app:create_app()"]
