@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import InvalidOptionError, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
@@ -196,18 +196,7 @@ class StudentCheckpoint:
             "info": dict(self.info),
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(Path(path), lambda handle: torch.save(payload, handle))
 
     @classmethod
     def load(cls, path: Path, device: str | torch.device = "cpu") -> StudentCheckpoint:

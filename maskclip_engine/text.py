@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_write
 from .loading import LoadedClip
 from .prompts import MASKCLIP_TEMPLATES, templates_digest
 
@@ -95,11 +94,8 @@ class TextEmbedder:
             return
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "wb") as handle:
-                np.save(handle, emb.numpy())
-            os.replace(tmp, path)
+            # A cache entry is cheap to recompute: no fsync, only the rename's atomicity.
+            atomic_write(path, lambda handle: np.save(handle, emb.numpy()), durable=False)
         except OSError as exc:  # a read-only cache must not break segmentation
             log.warning("could not write text cache %s: %s", path, exc)
 

@@ -34,6 +34,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server started in its own session, with everything it started."""
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float, log: Path) -> None:
     """Poll ``url`` until it answers 200; fail early if the process dies."""
     deadline = time.monotonic() + timeout
@@ -100,13 +111,7 @@ class LabelStudio:
         return response
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 class Backend:
@@ -133,13 +138,7 @@ class Backend:
             raise
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+        stop_process_group(self.process)
 
 
 def brush_results(labels: np.ndarray, names: list[str], from_name: str = "tag", to_name: str = "image") -> list[dict]:
