@@ -40,12 +40,13 @@ def model_version(segmenter: Segmenter, options: SegmentOptions) -> str:
     model = clip.model_id.split("@")[0].replace("/", "-")
     kind, _, value = clip.weights_id.partition(":")
     weights = value if kind == "tag" else f"w{value[:8]}" if value else kind
-    parts = ["maskclip", model, weights]
+    parts = [options.dense_mode, model, weights]
     if options.key_smoothing:
         parts.append("ks")
     if options.prompt_denoising:
         parts.append("pd")
-    rest = {k: v for k, v in options.to_dict().items() if k not in ("key_smoothing", "prompt_denoising", "batch_size")}
+    named = ("key_smoothing", "prompt_denoising", "batch_size", "dense_mode")
+    rest = {k: v for k, v in options.to_dict().items() if k not in named}
     defaults = {k: v for k, v in SegmentOptions().to_dict().items() if k in rest}
     if rest != defaults:
         parts.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6])
@@ -86,15 +87,7 @@ class Predictor:
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Predictor:
-        segmenter = Segmenter.from_pretrained(
-            settings.model,
-            settings.pretrained,
-            settings.device,
-            settings.precision,
-            cache_dir=settings.cache_dir,
-            options=settings.segment,
-        )
-        return cls(segmenter, settings, metrics)
+        return cls(settings.build_segmenter(), settings, metrics)
 
     # ------------------------------------------------------------ projects
     def link_project(self, project: str, link: ProjectLink) -> None:

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maskclip_engine import SegmentOptions
+from maskclip_engine import Segmenter, SegmentOptions
 
 from .errors import ConfigurationError
 
@@ -79,6 +79,7 @@ class Settings:
         try:
             segment = SegmentOptions(
                 mode=os.environ.get("MASKCLIP_MODE", defaults.mode),  # type: ignore[arg-type]
+                dense_mode=os.environ.get("MASKCLIP_DENSE_MODE", defaults.dense_mode),
                 short_side=int(_number("MASKCLIP_SHORT_SIDE", defaults.short_side, int)),
                 crop=int(_number("MASKCLIP_CROP", defaults.crop, int)),
                 stride=int(_number("MASKCLIP_STRIDE", defaults.stride, int)),
@@ -126,6 +127,12 @@ class Settings:
         )
         settings.validate()
         return settings
+
+    def build_segmenter(self) -> Segmenter:
+        """The MaskCLIP model these settings name. It loads weights: build it once per process."""
+        return Segmenter.from_pretrained(
+            self.model, self.pretrained, self.device, self.precision, cache_dir=self.cache_dir, options=self.segment
+        )
 
     def validate(self) -> None:
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):

@@ -97,6 +97,23 @@ def _sync(segmenter: Segmenter) -> None:
         torch.cuda.synchronize()
 
 
+def bench_modes(model: str, image: np.ndarray, short_side: int, repeats: int, device: str | None) -> list[tuple]:
+    """segment() time of each dense mode, interleaved, relative to MaskCLIP's."""
+    modes = ("maskclip", "sclip", "clearclip", "naclip")
+    with tempfile.TemporaryDirectory() as cache:
+        segmenter = Segmenter.from_pretrained(model, pretrained=None, device=device, cache_dir=cache)
+        for mode in modes:  # warm-up: text cache, kernels
+            segmenter.segment(image, LABELS, short_side=short_side, dense_mode=mode)
+        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        for _ in range(repeats):
+            for mode in modes:
+                times[mode] += timed(
+                    lambda m=mode: segmenter.segment(image, LABELS, short_side=short_side, dense_mode=m), 1
+                )
+    base = statistics.median(times["maskclip"])
+    return [(mode, statistics.median(t) * 1000, statistics.median(t) / base) for mode, t in times.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ViT-B-16,RN50")
@@ -120,6 +137,14 @@ def main() -> None:
     print("-|-".join("-" * w for w in widths))
     for row in rows:
         print(" | ".join(_fmt(row[h]).ljust(w) for h, w in zip(headers, widths)))
+
+    vit = next((m for m in args.models.split(",") if m.startswith("ViT")), None)
+    if vit:
+        print(f"\ndense modes, {vit}, segment() with KS and PD on\n")
+        print("mode      | segment ms | vs maskclip")
+        print("----------|------------|------------")
+        for mode, ms, ratio in bench_modes(vit, image, args.short_side, args.repeats, args.device):
+            print(f"{mode:9} | {ms:10.0f} | {ratio:10.2f}x")
 
 
 def _fmt(value: object) -> str:

@@ -15,8 +15,19 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from .config import MODES, PRECISIONS, SegmentOptions
+from .config import DENSE_MODES, MODES, PRECISIONS, SegmentOptions
 from .errors import MaskClipError
+from .evaluation import (
+    BACKGROUNDS,
+    EvalConfig,
+    config_predictor,
+    evaluate_configs,
+    load_sample,
+    read_classes,
+    read_voc,
+    report_json,
+    report_table,
+)
 from .images import decode_image, list_images
 from .prompts import LabelSet
 from .segmenter import Segmenter
@@ -78,6 +89,13 @@ def model_options(func):
 @click.option("--labels", required=True, help='Labels, comma-separated; synonyms with "|": "cat,dog|puppy,grass".')
 @model_options
 @click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True)
+@click.option(
+    "--dense-mode",
+    type=click.Choice(DENSE_MODES),
+    default="maskclip",
+    show_default=True,
+    help="How the last ViT block makes dense features: MaskCLIP, SCLIP, ClearCLIP or NACLIP.",
+)
 @click.option("--short-side", type=int, default=SegmentOptions.short_side, show_default=True)
 @click.option("--crop", type=int, default=SegmentOptions.crop, show_default=True, help="Window size (slide mode).")
 @click.option("--stride", type=int, default=SegmentOptions.stride, show_default=True, help="Window step (slide mode).")
@@ -106,6 +124,7 @@ def segment(
     device: str | None,
     precision: str,
     mode: str,
+    dense_mode: str,
     short_side: int,
     crop: int,
     stride: int,
@@ -124,6 +143,7 @@ def segment(
         labelset = LabelSet.from_string(labels)
         options = SegmentOptions(
             mode=mode,
+            dense_mode=dense_mode,
             short_side=short_side,
             crop=crop,
             stride=stride,  # type: ignore[arg-type]
@@ -153,6 +173,114 @@ def segment(
     click.echo(f"{len(files) - failed} of {len(files)} image(s) segmented into {out_dir}", err=True)
     if failed:
         sys.exit(1)
+
+
+@main.command("eval")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@model_options
+@click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt, if present.")
+@click.option(
+    "--classes",
+    "classes_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Class names, one per line, index order ('a|b' for synonyms). Default: classes.txt, else VOC's 21.",
+)
+@click.option(
+    "--background",
+    type=click.Choice(BACKGROUNDS),
+    default="threshold",
+    show_default=True,
+    help="threshold: class 0 is background, given to pixels below --bg-threshold; class: class 0 is "
+    "prompted like the others; none: every class is prompted, nothing is background.",
+)
+@click.option("--bg-threshold", type=float, default=0.5, show_default=True)
+@click.option("--ignore-index", type=int, default=255, show_default=True)
+@click.option(
+    "--reduce-zero-label",
+    is_flag=True,
+    help="Ignore label 0 and shift the others down (VOC-20 and Context-59 protocols).",
+)
+@click.option(
+    "--config",
+    "configs",
+    multiple=True,
+    help='A configuration to score, e.g. "sclip", "dense_mode=naclip,key_smoothing=false", '
+    '"name=mine,student=models/project-3/v2.pt". Repeat to compare side by side.',
+)
+@click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True)
+@click.option("--short-side", type=int, default=SegmentOptions.short_side, show_default=True)
+@click.option("--crop", type=int, default=SegmentOptions.crop, show_default=True)
+@click.option("--stride", type=int, default=SegmentOptions.stride, show_default=True)
+@click.option("--logit-scale", type=float, default=SegmentOptions.logit_scale, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N samples.")
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("eval.json"),
+    show_default=True,
+    help="The JSON report.",
+)
+def evaluate(
+    data: Path,
+    model: str,
+    pretrained: str,
+    device: str | None,
+    precision: str,
+    split: str,
+    classes_file: Path | None,
+    background: str,
+    bg_threshold: float,
+    ignore_index: int,
+    reduce_zero_label: bool,
+    configs: tuple[str, ...],
+    mode: str,
+    short_side: int,
+    crop: int,
+    stride: int,
+    logit_scale: float,
+    limit: int | None,
+    out_file: Path,
+) -> None:
+    """mIoU, per-class IoU and pixel accuracy on a dataset in PASCAL VOC layout."""
+    try:
+        classes = read_classes(classes_file, data)
+        entries = read_voc(data, split, limit)
+        options = SegmentOptions(
+            mode=mode,
+            short_side=short_side,
+            crop=crop,
+            stride=stride,  # type: ignore[arg-type]
+            logit_scale=logit_scale,
+        )
+        parsed = [EvalConfig.parse(text) for text in configs] or [EvalConfig("default")]
+        segmenter = Segmenter.from_pretrained(model, pretrained, device, precision, options=options)
+        predictors = {c.name: config_predictor(segmenter, c, classes, background, bg_threshold) for c in parsed}
+    except MaskClipError as exc:
+        raise click.ClickException(str(exc)) from exc
+    samples = (load_sample(i, image, label, ignore_index, reduce_zero_label) for i, image, label in entries)
+    results = evaluate_configs(
+        predictors,
+        samples,
+        len(classes),
+        progress=lambda it: tqdm(it, total=len(entries), desc="evaluating", unit="image", disable=None),
+    )
+    click.echo(report_table(results, classes))
+    out_file.write_text(
+        report_json(
+            results,
+            classes,
+            dataset=str(data),
+            split=split,
+            samples=len(entries),
+            model=model,
+            weights=pretrained,
+            background=background,
+            bg_threshold=bg_threshold,
+            protocol=options.to_dict(),
+        )
+    )
+    click.echo(f"report written to {out_file}", err=True)
 
 
 def _segment_one(segmenter: Segmenter, path: Path, labelset: LabelSet, out_dir: Path) -> None:

@@ -15,6 +15,7 @@ Mode = Literal["whole", "slide"]
 
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 MODES: tuple[str, ...] = ("whole", "slide")
+DENSE_MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip")
 
 
 def default_cache_dir() -> Path:
@@ -69,6 +70,7 @@ class SegmentOptions:
     """
 
     mode: Mode = "whole"
+    dense_mode: str = "maskclip"
     short_side: int = 448
     max_long_side: int = 2048
     crop: int = 448
@@ -83,6 +85,10 @@ class SegmentOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidOptionError(f"mode {self.mode!r} is not supported; use 'whole' or 'slide'.")
+        if self.dense_mode not in DENSE_MODES:
+            raise InvalidOptionError(
+                f"dense_mode {self.dense_mode!r} is not supported; use one of {', '.join(DENSE_MODES)}."
+            )
         for name in ("short_side", "max_long_side", "crop", "stride", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -11,6 +11,16 @@ compared with text embeddings:
   1x1 convolutions over the layer4 map (its positional embedding is dropped).
 
 Both also return the keys of that last attention, used by key smoothing.
+
+Later training-free methods change only the ViT's last block (``dense_mode``):
+
+* ``sclip``: attention ``softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d))``;
+* ``clearclip``: attention ``softmax(q q^T / sqrt(d))``;
+* ``naclip``: attention ``softmax(k k^T / sqrt(d) + G)`` with ``G`` a Gaussian of
+  the patch-grid distance (sigma 5 patches).
+
+Each replaces the block's output by its attention output alone (after the
+output projection): no residual, no MLP.
 """
 
 from __future__ import annotations
@@ -20,7 +30,10 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
-from .errors import InvalidImageError
+from .config import DENSE_MODES
+from .errors import InvalidImageError, InvalidOptionError
+
+NACLIP_SIGMA = 5.0
 
 
 def interpolate_positional_embedding(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
@@ -52,7 +65,9 @@ def _check_pixels(pixels: torch.Tensor, stride: int) -> tuple[int, int]:
     return height // stride, width // stride
 
 
-def vit_dense(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vit_dense(
+    visual: VisionTransformer, pixels: torch.Tensor, mode: str = "maskclip"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense features ``[B, D, h, w]`` and last-block keys ``[B, width, h, w]`` of a ViT."""
     grid = _check_pixels(pixels, visual.patch_size[0])
     batch = pixels.shape[0]
@@ -72,13 +87,52 @@ def vit_dense(visual: VisionTransformer, pixels: torch.Tensor) -> tuple[torch.Te
 
     last = blocks[-1]
     attn = last.attn
-    _, k, v = F.linear(last.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    x = x + last.ls_1(attn.out_proj(v))
-    x = x + last.ls_2(last.mlp(last.ln_2(x)))
+    q, k, v = F.linear(last.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    if mode == "maskclip":
+        x = x + last.ls_1(attn.out_proj(v))
+        x = x + last.ls_2(last.mlp(last.ln_2(x)))
+    else:
+        x = attn.out_proj(_self_correlation(q, k, v, attn.num_heads, mode, grid))
     keys = attn.out_proj(k)
 
     features = visual.ln_post(x[:, 1:]) @ visual.proj
     return _to_map(features, grid), _to_map(keys[:, 1:], grid)
+
+
+def _self_correlation(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mode: str, grid: tuple[int, int]
+) -> torch.Tensor:
+    """Multi-head attention of the training-free modes over ``[B, N, C]`` projections (class token first)."""
+    batch, tokens, width = q.shape
+    q, k, v = (t.reshape(batch, tokens, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    scale = (width // heads) ** -0.5
+    if mode == "sclip":
+        weights = torch.softmax(q @ q.transpose(-2, -1) * scale, -1) + torch.softmax(
+            k @ k.transpose(-2, -1) * scale, -1
+        )
+    elif mode == "clearclip":
+        weights = torch.softmax(q @ q.transpose(-2, -1) * scale, -1)
+    elif mode == "naclip":
+        bias = neighbourhood_bias(grid, NACLIP_SIGMA, q.device).to(q.dtype)
+        weights = torch.softmax(k @ k.transpose(-2, -1) * scale + bias, -1)
+    else:
+        raise InvalidOptionError(f"dense_mode {mode!r} is not one of {', '.join(DENSE_MODES)}.")
+    return (weights @ v).transpose(1, 2).reshape(batch, tokens, width)
+
+
+def neighbourhood_bias(grid: tuple[int, int], sigma: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """NACLIP's ``[1 + N, 1 + N]`` attention bias: ``exp(-d^2 / (2 sigma^2))`` for patches ``d`` patches apart.
+
+    The class token (index 0) gets no bias to or from anything.
+    """
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], device=device), torch.arange(grid[1], device=device), indexing="ij"
+    )
+    points = torch.stack([rows.flatten(), cols.flatten()], 1).float()
+    gaussian = torch.exp(-torch.cdist(points, points).pow(2) / (2 * sigma**2))
+    bias = torch.zeros(gaussian.shape[0] + 1, gaussian.shape[1] + 1, device=device)
+    bias[1:, 1:] = gaussian
+    return bias
 
 
 def resnet_dense(visual: ModifiedResNet, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +152,18 @@ def _to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(batch, dim, grid[0], grid[1])
 
 
-def dense_features(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_features(
+    visual: torch.nn.Module, pixels: torch.Tensor, mode: str = "maskclip"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch on the image tower: features and keys as in :func:`vit_dense`."""
+    if mode not in DENSE_MODES:
+        raise InvalidOptionError(f"dense_mode {mode!r} is not one of {', '.join(DENSE_MODES)}.")
     if isinstance(visual, VisionTransformer):
-        return vit_dense(visual, pixels)
+        return vit_dense(visual, pixels, mode)
     if isinstance(visual, ModifiedResNet):
+        if mode != "maskclip":
+            raise InvalidOptionError(
+                f"dense_mode {mode!r} changes a ViT's last attention block; ResNet models support 'maskclip' only."
+            )
         return resnet_dense(visual, pixels)
     raise TypeError(f"no dense path for {type(visual).__name__}")

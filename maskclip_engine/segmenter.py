@@ -103,15 +103,20 @@ class Segmenter:
 
     # ----------------------------------------------------------------- image
     @torch.inference_mode()
-    def dense_features_and_keys(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features ``[B, D, h, w]`` (joint space, not normalised) and keys ``[B, K, h, w]``, float32."""
+    def dense_features_and_keys(
+        self, pixels: torch.Tensor, dense_mode: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``[B, D, h, w]`` (joint space, not normalised) and keys ``[B, K, h, w]``, float32.
+
+        ``dense_mode`` defaults to the segmenter's option (``maskclip``).
+        """
         pixels = pixels.to(self.clip.device, self.clip.dtype)
-        features, keys = dense_features(self.clip.visual, pixels)
+        features, keys = dense_features(self.clip.visual, pixels, dense_mode or self.options.dense_mode)
         return features.float(), keys.float()
 
-    def dense_features_torch(self, pixels: torch.Tensor) -> torch.Tensor:
+    def dense_features_torch(self, pixels: torch.Tensor, dense_mode: str | None = None) -> torch.Tensor:
         """MaskCLIP embeddings ``[B, D, H/stride, W/stride]`` of a normalised batch ``[B, 3, H, W]``."""
-        return self.dense_features_and_keys(pixels)[0]
+        return self.dense_features_and_keys(pixels, dense_mode)[0]
 
     def normalize(self, rgb: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         """``HxWx3 uint8`` to a resized (``size`` = (h, w)), model-normalised ``[3, h, w]`` tensor."""
@@ -145,6 +150,11 @@ class Segmenter:
         return [self._finish(rgb.shape[:2], canvas, labelset, opts) for rgb, canvas in zip(arrays, canvases)]
 
     def _check_windows(self, opts: SegmentOptions) -> None:
+        if opts.dense_mode != "maskclip" and self.clip.arch != "vit":
+            raise InvalidOptionError(
+                f"dense_mode {opts.dense_mode!r} changes a ViT's last attention block; ResNet models support "
+                "'maskclip' only."
+            )
         if opts.mode == "slide":
             for name in ("crop", "stride"):
                 if getattr(opts, name) % self.stride:
@@ -180,7 +190,7 @@ class Segmenter:
                 pixels = torch.stack(
                     [resized[w.image][:, w.top : w.top + w.height, w.left : w.left + w.width] for w in chunk]
                 )
-                features, keys = self.dense_features_and_keys(pixels)
+                features, keys = self.dense_features_and_keys(pixels, opts.dense_mode)
                 logits = self._label_logits(features, text, owner, num_labels)
                 for w, window_logits, window_keys in zip(chunk, logits, keys):
                     if canvases[w.image] is None:

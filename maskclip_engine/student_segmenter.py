@@ -26,6 +26,10 @@ class StudentSegmenter:
         self.net = checkpoint.net.to(segmenter.clip.device).eval()
 
     @property
+    def dense_mode(self) -> str:
+        return str(self.checkpoint.info.get("dense_mode", "maskclip"))
+
+    @property
     def labels(self) -> list[str]:
         return list(self.checkpoint.labels)
 
@@ -37,19 +41,24 @@ class StudentSegmenter:
         results = []
         for image in images:
             rgb = to_rgb_array(image)
-            probs = student_probabilities(self.segmenter, self.net, rgb)
+            probs = student_probabilities(self.segmenter, self.net, rgb, self.dense_mode)
             results.append(result_from_probabilities(probs, rgb.shape[:2], self.labels, bg_threshold=bg_threshold))
         return results
 
 
-def student_probabilities(segmenter: Segmenter, net: StudentNet, rgb: np.ndarray) -> torch.Tensor:
-    """Class probabilities ``[C, h, w]`` of one image on the student's output grid."""
+def student_probabilities(
+    segmenter: Segmenter, net: StudentNet, rgb: np.ndarray, dense_mode: str = "maskclip"
+) -> torch.Tensor:
+    """Class probabilities ``[C, h, w]`` of one image on the student's output grid.
+
+    ``dense_mode`` must be the one the student was trained on (its checkpoint says).
+    """
     options = segmenter.options
     stride = segmenter.stride if net.needs_clip_features else 32
     size = resized_shape(*rgb.shape[:2], options.short_side, options.max_long_side, stride)
     pixels = segmenter.normalize(rgb, size)[None]
     if net.needs_clip_features:
-        features, _ = segmenter.dense_features_and_keys(pixels)
+        features, _ = segmenter.dense_features_and_keys(pixels, dense_mode)
         logits = net(clip_features=features)
     else:
         unit = pixels * segmenter._std + segmenter._mean  # back to 0..1: the ResNet normalises its own way

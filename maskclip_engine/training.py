@@ -202,7 +202,7 @@ def train_student(
 def _clip_features(segmenter: Segmenter, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen CLIP dense features and keys of a 0..1 batch, usable as inputs to a trained network."""
     normalized = ((pixels - segmenter._mean) / segmenter._std).to(segmenter.clip.dtype)
-    features, keys = dense_features(segmenter.clip.visual, normalized)
+    features, keys = dense_features(segmenter.clip.visual, normalized, segmenter.options.dense_mode)
     return features.float(), keys.float()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,14 +22,9 @@ def _activation(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     return F.gelu(x)
 
 
-def _reference_vit(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The MaskCLIP last-block value path, computed independently of the engine.
-
-    The blocks before the last one come from open_clip's own forward pass on a
-    copy of the tower whose positional embedding was resized here (bicubic for
-    patch positions, class position untouched); the last block is written out
-    by hand from its weight matrices.
-    """
+def _last_block_input(visual: torch.nn.Module, pixels: torch.Tensor):
+    """A copy of the tower with its positional embedding resized here (bicubic patch positions, class
+    position untouched), and the tokens entering its last block from open_clip's own forward pass."""
     tower = copy.deepcopy(visual)
     patch = tower.patch_size[0]
     gh, gw = pixels.shape[2] // patch, pixels.shape[3] // patch
@@ -37,14 +33,26 @@ def _reference_vit(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch
     grid = pos[1:].reshape(th, tw, -1).permute(2, 0, 1)[None]
     grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)[0]
     tower.positional_embedding = torch.nn.Parameter(torch.cat([pos[:1], grid.permute(1, 2, 0).reshape(gh * gw, -1)]))
-
     captured = {}
-    last = tower.transformer.resblocks[-1]
-    handle = last.register_forward_pre_hook(lambda module, args: captured.setdefault("x", args[0]))
+    handle = tower.transformer.resblocks[-1].register_forward_pre_hook(
+        lambda module, args: captured.setdefault("x", args[0])
+    )
     with torch.no_grad():
         tower(pixels)
     handle.remove()
-    x = captured["x"]  # [B, 1 + gh * gw, width], batch first
+    return tower, captured["x"], (gh, gw)  # tokens: [B, 1 + gh * gw, width], batch first
+
+
+def _reference_vit(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MaskCLIP last-block value path, computed independently of the engine.
+
+    The blocks before the last one come from open_clip's own forward pass on a
+    copy of the tower whose positional embedding was resized here (bicubic for
+    patch positions, class position untouched); the last block is written out
+    by hand from its weight matrices.
+    """
+    tower, x, (gh, gw) = _last_block_input(visual, pixels)
+    last = tower.transformer.resblocks[-1]
 
     width = x.shape[-1]
     w_in, b_in = last.attn.in_proj_weight, last.attn.in_proj_bias
@@ -120,3 +128,90 @@ def test_resnet_grid_is_stride_32(rn_segmenter: Segmenter) -> None:
     assert rn_segmenter.stride == 32
     with pytest.raises(InvalidImageError, match="multiples of 32"):
         rn_segmenter.dense_features_torch(torch.zeros(1, 3, 48, 64))
+
+
+def _reference_training_free(visual: torch.nn.Module, pixels: torch.Tensor, mode: str) -> torch.Tensor:
+    """SCLIP / ClearCLIP / NACLIP last blocks written out by hand: attention output only, no residual, no MLP."""
+    tower, x, (gh, gw) = _last_block_input(visual, pixels)
+    last = tower.transformer.resblocks[-1]
+    batch, tokens, width = x.shape
+    heads = last.attn.num_heads
+    dim = width // heads
+    w_in, b_in = last.attn.in_proj_weight, last.attn.in_proj_bias
+    y = _layer_norm(x, last.ln_1)
+    q, k, v = (y @ w_in[i * width : (i + 1) * width].T + b_in[i * width : (i + 1) * width] for i in range(3))
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, tokens, heads, dim).permute(0, 2, 1, 3)
+
+    q, k, v = per_head(q), per_head(k), per_head(v)
+    if mode == "naclip":
+        bias = torch.zeros(tokens, tokens)
+        for i in range(gh * gw):
+            for j in range(gh * gw):
+                distance2 = (i // gw - j // gw) ** 2 + (i % gw - j % gw) ** 2
+                bias[1 + i, 1 + j] = torch.exp(torch.tensor(-distance2 / (2 * 5.0**2)))
+        weights = torch.softmax(k @ k.transpose(-1, -2) / dim**0.5 + bias, dim=-1)
+    elif mode == "clearclip":
+        weights = torch.softmax(q @ q.transpose(-1, -2) / dim**0.5, dim=-1)
+    else:
+        weights = torch.softmax(q @ q.transpose(-1, -2) / dim**0.5, dim=-1) + torch.softmax(
+            k @ k.transpose(-1, -2) / dim**0.5, dim=-1
+        )
+    out = (weights @ v).permute(0, 2, 1, 3).reshape(batch, tokens, width)
+    out = out @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+    features = _layer_norm(out[:, 1:], tower.ln_post) @ tower.proj
+    return features.transpose(1, 2).reshape(batch, -1, gh, gw)
+
+
+@pytest.mark.parametrize("mode", ["sclip", "clearclip", "naclip"])
+def test_training_free_modes_match_references(vit_segmenter: Segmenter, mode: str) -> None:
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, 48, 80)
+    features, keys = vit_segmenter.dense_features_and_keys(pixels, mode)
+    torch.testing.assert_close(
+        features, _reference_training_free(vit_segmenter.clip.visual, pixels, mode), rtol=1e-4, atol=1e-5
+    )
+    # Keys for key smoothing are the same in every mode.
+    torch.testing.assert_close(keys, vit_segmenter.dense_features_and_keys(pixels, "maskclip")[1])
+
+
+def test_naclip_bias_depends_on_patch_distance() -> None:
+    from maskclip_engine.dense import neighbourhood_bias
+
+    bias = neighbourhood_bias((3, 4), sigma=5.0)
+    assert bias.shape == (13, 13)
+    assert torch.all(bias[0] == 0) and torch.all(bias[:, 0] == 0)  # the class token gets no bias
+    assert torch.allclose(torch.diagonal(bias)[1:], torch.ones(12))
+    # patch 0 is at (0, 0); patch 1 at (0, 1); patch 11 at (2, 3)
+    assert bias[1, 2] == pytest.approx(float(torch.exp(torch.tensor(-1 / 50))))
+    assert bias[1, 12] == pytest.approx(float(torch.exp(torch.tensor(-13 / 50))))
+    assert bias[1, 2] > bias[1, 12]
+    narrow = neighbourhood_bias((3, 4), sigma=1.0)
+    assert narrow[1, 12] < bias[1, 12]
+
+
+def test_modes_differ_and_compose_with_refinements(vit_segmenter: Segmenter) -> None:
+    from tests.conftest import scene
+
+    image = scene(64, 96)
+    labels = ["wall", "grass", "sky"]
+    confidences = []
+    for mode in ("maskclip", "sclip", "clearclip", "naclip"):
+        for ks, pd in ((True, True), (False, False)):
+            result = vit_segmenter.segment(image, labels, dense_mode=mode, key_smoothing=ks, prompt_denoising=pd)
+            assert result.label_map.shape == (64, 96) and (result.label_map >= 0).all()
+            if ks and pd:
+                confidences.append(result.confidence)
+    for i in range(len(confidences)):
+        for j in range(i + 1, len(confidences)):
+            assert not np.allclose(confidences[i], confidences[j])
+
+
+def test_resnets_support_maskclip_mode_only(rn_segmenter: Segmenter) -> None:
+    from maskclip_engine import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="ResNet models support 'maskclip' only"):
+        rn_segmenter.segment(np.zeros((64, 64, 3), dtype=np.uint8), ["a", "b"], dense_mode="sclip")
+    with pytest.raises(InvalidOptionError, match="ResNet"):
+        rn_segmenter.dense_features_torch(torch.zeros(1, 3, 64, 64), "naclip")

@@ -188,6 +188,24 @@ def test_training_job_promotes_and_serves_a_student(
     assert context.loaded_count() - loaded_before <= 1  # both jobs reused one loaded CLIP model
 
 
+def test_eval_project_scores_maskclip_and_the_active_student(with_label_studio, project, model_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from maskclip_engine.cli import main
+
+    active = ModelRegistry(model_dir).active(project)
+    assert active is not None, "runs after the training test, which promotes a student"
+    out = tmp_path / "project.json"
+    run = CliRunner().invoke(main, ["eval-project", "--project", str(project), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert "annotated images" in run.output and active.name in run.output
+    import json
+
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"maskclip", active.name}
+    assert report["results"][active.name]["miou"] > report["results"]["maskclip"]["miou"]
+
+
 def test_a_killed_job_leaves_no_half_written_active_model(redis, with_label_studio, project, model_dir, env) -> None:
     registry = ModelRegistry(model_dir)
     active_before = registry.active(project)

