@@ -182,6 +182,8 @@ class TrainingQueue:
         return self._connection
 
     def enqueue(self, project: str, trigger: str) -> dict[str, Any]:
+        if not str(project).isdigit():
+            raise BadRequestError(f"project {project!r} is not a Label Studio project id.")
         link = self.predictor.project_link(project)
         kwargs = {}
         if not self.settings.label_studio_url and link is not None and link.hostname:
@@ -201,7 +203,7 @@ class TrainingQueue:
         return {"status": "queued" if created else "coalesced", "job": job_id, "job_id": job_id}
 
     def count_annotation(self, project: str) -> bool:
-        if self.settings.train_every <= 0:
+        if self.settings.train_every <= 0 or not str(project).isdigit():
             return False
         try:
             return count_annotation(self.connection(), int(project), self.settings.train_every)
@@ -222,4 +224,7 @@ def _project_id(value: Any, required: bool = True) -> str | None:
         if required:
             raise BadRequestError("the body needs 'project'.")
         return None
-    return str(value).split(".", 1)[0]
+    project = str(value).split(".", 1)[0]
+    if not project.isdigit():
+        raise BadRequestError(f"project {value!r} is not a Label Studio project id.")
+    return project

@@ -186,6 +186,9 @@ def test_webhook_answers_at_once(client, action: str) -> None:
 def test_training_without_a_queue_says_how_to_get_one(client) -> None:
     reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
     assert reply.status_code == 503 and "REDIS_URL" in reply.json["error"]
+    reply = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": "../7"}})
+    assert reply.status_code == 400 and "project id" in reply.json["error"]
+    assert client.post("/webhook", json={"action": "START_TRAINING"}).status_code == 400
 
 
 def test_versions(client, predictor: Predictor) -> None:
