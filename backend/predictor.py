@@ -30,17 +30,20 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 
-def model_version(segmenter: Segmenter, options: SegmentOptions) -> str:
+def model_version(model_id: str, weights_id: str, options: SegmentOptions) -> str:
     """A stable name for what produces the predictions, e.g. ``maskclip-ViT-B-16-openai-ks-pd``.
 
     Label Studio skips tasks that already hold a prediction of the current
-    version, so anything that changes the masks changes the version.
+    version, so anything that changes the masks changes the version: the
+    dense mode, model, weights (tag or file hash), refinements, other
+    non-default settings (a short hash), a model config file's hash, and
+    QuickGELU forced onto weights that do not imply it.
     """
-    clip = segmenter.clip
-    model = clip.model_id.split("@")[0].replace("/", "-")
-    kind, _, value = clip.weights_id.partition(":")
+    name_and_config, _, flag = model_id.partition("+")
+    name, _, config_hash = name_and_config.partition("@")
+    kind, _, value = weights_id.partition(":")
     weights = value if kind == "tag" else f"w{value[:8]}" if value else kind
-    parts = [options.dense_mode, model, weights]
+    parts = [options.dense_mode, name.replace("/", "-"), weights]
     if options.key_smoothing:
         parts.append("ks")
     if options.prompt_denoising:
@@ -50,8 +53,10 @@ def model_version(segmenter: Segmenter, options: SegmentOptions) -> str:
     defaults = {k: v for k, v in SegmentOptions().to_dict().items() if k in rest}
     if rest != defaults:
         parts.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6])
-    if "@" in clip.model_id or "+" in clip.model_id:
-        parts.append(hashlib.sha256(clip.model_id.encode()).hexdigest()[:6])
+    if config_hash:
+        parts.append(config_hash[:6])
+    if flag == "quickgelu" and kind != "tag":
+        parts.append("qg")
     return "-".join(parts)
 
 
@@ -72,7 +77,7 @@ class Predictor:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.options = settings.segment
-        self.version = model_version(segmenter, self.options)
+        self.version = model_version(segmenter.clip.model_id, segmenter.clip.weights_id, self.options)
         self._default_auth = (
             LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
             if settings.label_studio_url

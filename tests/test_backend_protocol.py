@@ -217,3 +217,21 @@ def test_metrics(client) -> None:
     assert 'maskclip_http_requests_total{route="/predict",status="200"}' in text
     assert "maskclip_predict_seconds_count" in text
     assert 'maskclip_model_info{device="cpu",version="maskclip-tiny-vit-' in text
+
+
+def test_model_versions_name_what_changes_the_masks() -> None:
+    from backend.predictor import model_version
+
+    default = SegmentOptions()
+    assert model_version("ViT-B-16+quickgelu", "tag:openai", default) == "maskclip-ViT-B-16-openai-ks-pd"
+    assert model_version("RN50", "tag:openai", default.replace(key_smoothing=False)) == "maskclip-RN50-openai-pd"
+    assert model_version("ViT-B-16", "tag:laion2b_s34b_b88k", default.replace(dense_mode="naclip")) == (
+        "naclip-ViT-B-16-laion2b_s34b_b88k-ks-pd"
+    )
+    local = model_version("ViT-B-16+quickgelu", "sha256:0123456789abcdef", default)
+    assert local == "maskclip-ViT-B-16-w01234567-ks-pd-qg"
+    tuned = model_version("ViT-B-16+quickgelu", "tag:openai", default.replace(bg_threshold=0.3))
+    assert tuned.startswith("maskclip-ViT-B-16-openai-ks-pd-") and tuned != model_version(
+        "ViT-B-16+quickgelu", "tag:openai", default.replace(bg_threshold=0.4)
+    )
+    assert model_version("ViT-B-16", "tag:openai", default.replace(batch_size=2)) == "maskclip-ViT-B-16-openai-ks-pd"
