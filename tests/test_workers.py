@@ -238,6 +238,18 @@ def test_a_killed_job_leaves_no_half_written_active_model(redis, with_label_stud
     for version in registry.versions(project):
         StudentCheckpoint.load(version.checkpoint)  # every listed version is complete
 
+    # The dead job still looks "started"; while its heartbeat is fresh, triggers join it ...
+    killed = Job.fetch(job_id, connection=redis)
+    assert killed.get_status() == JobStatus.STARTED and time.time() - killed.meta["heartbeat"] < 60
+    assert enqueue_training(redis, project, trigger="test") == (job_id, False)
+    # ... and once it has been silent for two minutes (time travel: backdate it), a trigger replaces it.
+    killed.meta["heartbeat"] -= 600
+    killed.save_meta()
+    new_id, created = enqueue_training(redis, project, trigger="test")
+    assert created and new_id != job_id
+    assert Job.fetch(job_id, connection=redis).get_status() == JobStatus.FAILED
+    Queue(QUEUE, connection=redis).empty()
+
 
 def test_train_and_jobs_commands(env, redis) -> None:
     from click.testing import CliRunner

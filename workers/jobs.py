@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -22,23 +23,39 @@ from maskclip_engine.training import TrainConfig, TrainingImage, evaluate, train
 
 from .context import shared_segmenter
 from .dataset import ProjectDataError, load_project
-from .queue import release_job
+from .queue import HEARTBEAT_S, release_job
 
 log = logging.getLogger(__name__)
 
 
 class Progress:
-    """Reports a job's progress to the RQ job's meta (at most once a second), the log and a terminal bar."""
+    """Reports a job's progress to the RQ job's meta (at most once a second), the log and a terminal bar.
+
+    A heartbeat in the meta, refreshed every few seconds from a background
+    thread, lets triggers tell a running job from one whose worker died.
+    """
 
     def __init__(self, project: int, total: int | None = None) -> None:
         self.job = get_current_job()
         self.project = project
         self.meta: dict[str, Any] = {}
         self._saved = 0.0
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._bar = tqdm(total=total, desc=f"training project {project}", unit="step") if sys.stderr.isatty() else None
+        if self.job is not None:
+            threading.Thread(target=self._beat, name="job-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_S):
+            self.update(force=True)
 
     def update(self, force: bool = False, **fields: Any) -> None:
-        self.meta.update(fields)
+        with self._lock:
+            self._update(force, fields)
+
+    def _update(self, force: bool, fields: dict[str, Any]) -> None:
+        self.meta.update(fields, heartbeat=time.time())
         if self._bar is not None and "step" in fields:
             self._bar.total = fields.get("iterations", self._bar.total)
             self._bar.n = fields["step"]
@@ -60,6 +77,7 @@ class Progress:
             )
 
     def close(self) -> None:
+        self._stopped.set()
         if self._bar is not None:
             self._bar.close()
 

@@ -18,6 +18,8 @@ from rq.job import Job, JobStatus
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 _RACE_GRACE_S = 30  # a key whose job is not saved yet is another trigger enqueueing right now
+HEARTBEAT_S = 10  # a running training job refreshes meta["heartbeat"] this often
+LOST_AFTER_S = 120  # a "started" job silent for this long lost its worker (killed, machine gone)
 
 _COMPARE_AND_DELETE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
@@ -67,13 +69,27 @@ def enqueue_training(
             continue
         existing, _, stamp = held.decode().partition("|")
         try:
-            if Job.fetch(existing, connection=connection).get_status() in LIVE:
+            job = Job.fetch(existing, connection=connection)
+            if job.get_status() in LIVE and not _lost(job):
                 return existing, False
         except NoSuchJobError:
             if time.time() - float(stamp or 0) < _RACE_GRACE_S:
                 return existing, False
         release(connection, project, held.decode())  # the job it names is over: take its place
     raise RuntimeError(f"could not enqueue training for project {project}: the queue key keeps changing")
+
+
+def _lost(job: Job) -> bool:
+    """A started job whose heartbeat stopped: its worker died. It is marked failed so listings tell the truth."""
+    if job.get_status() != JobStatus.STARTED:
+        return False
+    beat = job.meta.get("heartbeat")
+    if beat is None or time.time() - float(beat) < LOST_AFTER_S:
+        return False
+    job.meta["phase"] = "lost: its worker stopped"
+    job.save_meta()
+    job.set_status(JobStatus.FAILED)
+    return True
 
 
 def release(connection: Redis, project: int | str, held: str | None = None) -> None:
