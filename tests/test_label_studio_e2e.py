@@ -34,19 +34,24 @@ def photos(documents: Path) -> None:
     Image.fromarray(scene(120, 90, seed=12)).save(documents / "photos" / "two.jpg")
 
 
-@pytest.fixture(scope="module")
-def backend(label_studio: LabelStudio, documents: Path, tiny_vit, tmp_path_factory: pytest.TempPathFactory):
-    env = {
-        "MASKCLIP_MODEL": str(tiny_vit.config),
-        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
+def backend_env(tiny, label_studio: LabelStudio, documents: Path, cache: Path, **extra: str) -> dict[str, str]:
+    """The environment a user gives `maskclip-backend serve`, with the tiny test model."""
+    return {
+        "MASKCLIP_MODEL": str(tiny.config),
+        "MASKCLIP_PRETRAINED": str(tiny.state_dict),
         "MASKCLIP_DEVICE": "cpu",
-        "MASKCLIP_SHORT_SIDE": "64",
-        "MASKCLIP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+        "MASKCLIP_CACHE_DIR": str(cache),
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": TOKEN,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
         "HF_HUB_OFFLINE": "1",
+        **extra,
     }
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio: LabelStudio, documents: Path, tiny_vit, tmp_path_factory: pytest.TempPathFactory):
+    env = backend_env(tiny_vit, label_studio, documents, tmp_path_factory.mktemp("cache"), MASKCLIP_SHORT_SIDE="64")
     server = Backend(env, tmp_path_factory.mktemp("backend") / "backend.log")
     yield server
     server.stop()
@@ -123,22 +128,18 @@ def test_start_training_in_label_studio_then_predictions_come_from_the_student(
 ) -> None:
     """Annotate, press Start Training (through the API), let the backend's own worker train, predict again."""
     project, tasks = scene_project(label_studio, documents, "e2e training", annotated=8, plain=2)
-    env = {
-        "MASKCLIP_MODEL": str(tiny_vit.config),
-        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
-        "MASKCLIP_DEVICE": "cpu",
-        "MASKCLIP_SHORT_SIDE": "256",
-        "MASKCLIP_CACHE_DIR": str(tmp_path_factory.mktemp("train-cache")),
-        "MASKCLIP_TRAIN_ITERATIONS": "200",
-        "MASKCLIP_TRAIN_CROP": "256",
-        "MASKCLIP_TRAIN_LR": "0.05",
-        "MODEL_DIR": str(tmp_path_factory.mktemp("e2e-models")),
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": TOKEN,
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
-        "HF_HUB_OFFLINE": "1",
-        "REDIS_URL": "",  # no queue given: `serve` runs its own Redis and worker
-    }
+    env = backend_env(
+        tiny_vit,
+        label_studio,
+        documents,
+        tmp_path_factory.mktemp("train-cache"),
+        MASKCLIP_SHORT_SIDE="256",
+        MASKCLIP_TRAIN_ITERATIONS="200",
+        MASKCLIP_TRAIN_CROP="256",
+        MASKCLIP_TRAIN_LR="0.05",
+        MODEL_DIR=str(tmp_path_factory.mktemp("e2e-models")),
+        REDIS_URL="",  # no queue given: `serve` runs its own Redis and worker
+    )
     backend = Backend(env, tmp_path_factory.mktemp("train-backend") / "backend.log")
     try:
         ml = label_studio.api("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "MaskCLIP"})
