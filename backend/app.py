@@ -14,14 +14,13 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 
+from ls_integration.errors import BackendError, BadRequestError, QueueUnavailableError
+from ls_integration.label_config import SchemaCache
+from ls_integration.metrics import Metrics
+from ls_integration.predictor import Predictor, ProjectLink
+from ls_integration.queue import connect, count_annotation, enqueue_training
+from ls_integration.settings import Settings
 from maskclip_engine import MaskClipError
-from workers.queue import connect, count_annotation, enqueue_training
-
-from .errors import BackendError, BadRequestError, QueueUnavailableError
-from .label_config import SchemaCache
-from .metrics import Metrics
-from .predictor import Predictor, ProjectLink
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import os
 
 import click
 
-from .errors import BackendError
-from .settings import Settings
+from ls_integration.errors import BackendError
+from ls_integration.settings import Settings
 
 
 @click.group()
@@ -52,7 +52,7 @@ def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> N
         raise click.ClickException(str(exc)) from exc
     embedded = None
     if not settings.redis_url:
-        from workers.embedded import EmbeddedQueue
+        from ls_integration.embedded import EmbeddedQueue
 
         embedded = EmbeddedQueue(settings.model_dir / ".queue")
         os.environ["REDIS_URL"] = embedded.url

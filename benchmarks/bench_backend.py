@@ -27,8 +27,8 @@ from PIL import Image
 from werkzeug.serving import make_server
 
 from backend.app import create_app
-from backend.predictor import Predictor
-from backend.settings import Settings
+from ls_integration.predictor import Predictor
+from ls_integration.settings import Settings
 from maskclip_engine import Segmenter
 from maskclip_engine.images import decode_image
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from backend.app import create_app
-from backend.predictor import Predictor
+from ls_integration.predictor import Predictor
 from tests.conftest import scene
 from tests.http_server import FileServer
 from tests.test_backend_protocol import (  # noqa: F401  (fixtures)

@@ -13,8 +13,8 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from backend.app import create_app
-from backend.predictor import Predictor
-from backend.settings import Settings
+from ls_integration.predictor import Predictor
+from ls_integration.settings import Settings
 from maskclip_engine import SegmentOptions
 from tests.conftest import scene
 from tests.http_server import FileServer
@@ -220,7 +220,7 @@ def test_metrics(client) -> None:
 
 
 def test_model_versions_name_what_changes_the_masks() -> None:
-    from backend.predictor import model_version
+    from ls_integration.predictor import model_version
 
     default = SegmentOptions()
     assert model_version("ViT-B-16+quickgelu", "tag:openai", default) == "maskclip-ViT-B-16-openai-ks-pd"

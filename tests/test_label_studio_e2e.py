@@ -12,9 +12,9 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from backend.fetching import ImageFetcher
-from backend.label_studio import LabelStudioAuth
-from backend.settings import Settings
+from ls_integration.fetching import ImageFetcher
+from ls_integration.label_studio import LabelStudioAuth
+from ls_integration.settings import Settings
 from tests.conftest import scene
 from tests.label_studio_server import TOKEN, Backend, LabelStudio, scene_project
 

@@ -15,13 +15,13 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
-from backend.settings import Settings
+from ls_integration.queue import enqueue_training, lock_key
+from ls_integration.settings import Settings
 from maskclip_engine.registry import ModelRegistry
 from maskclip_engine.student import StudentCheckpoint
 from tests.label_studio_server import TOKEN, scene_project
 from tests.scenes import CLASSES
 from workers import context
-from workers.queue import enqueue_training, lock_key
 
 QUEUE = "maskclip-training"
 

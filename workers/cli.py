@@ -12,17 +12,17 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from tqdm import tqdm
 
-from backend.errors import BackendError
-from backend.fetching import ImageFetcher
-from backend.label_studio import LabelStudioAuth
-from backend.settings import Settings
+from ls_integration.dataset import load_project
+from ls_integration.errors import BackendError
+from ls_integration.fetching import ImageFetcher
+from ls_integration.label_studio import LabelStudioAuth
+from ls_integration.queue import connect, enqueue_training, recent_jobs
+from ls_integration.settings import Settings
 from maskclip_engine import MaskClipError
 from maskclip_engine.evaluation import EvalConfig, Sample, config_predictor, evaluate_configs, report_json, report_table
 from maskclip_engine.registry import ModelRegistry
 
 from .context import shared_segmenter
-from .dataset import load_project
-from .queue import connect, enqueue_training, recent_jobs
 
 
 def _settings() -> Settings:

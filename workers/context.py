@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from backend.settings import Settings
+from ls_integration.settings import Settings
 from maskclip_engine import Segmenter
 
 _loaded: dict[tuple, Segmenter] = {}

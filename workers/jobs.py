@@ -12,9 +12,11 @@ from typing import Any
 from rq import get_current_job
 from tqdm import tqdm
 
-from backend.fetching import ImageFetcher
-from backend.label_studio import LabelStudioAuth
-from backend.settings import Settings
+from ls_integration.dataset import ProjectDataError, load_project
+from ls_integration.fetching import ImageFetcher
+from ls_integration.label_studio import LabelStudioAuth
+from ls_integration.queue import HEARTBEAT_S, release_job
+from ls_integration.settings import Settings
 from maskclip_engine import LabelSet, Segmenter
 from maskclip_engine.registry import ModelRegistry
 from maskclip_engine.student import StudentCheckpoint, StudentConfig
@@ -22,8 +24,6 @@ from maskclip_engine.student_segmenter import StudentSegmenter
 from maskclip_engine.training import TrainConfig, TrainingImage, evaluate, train_student
 
 from .context import shared_segmenter
-from .dataset import ProjectDataError, load_project
-from .queue import HEARTBEAT_S, release_job
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw
 
-from backend.errors import BackendError, ImageFetchError
-from backend.fetching import ImageFetcher
-from backend.label_config import LabelControl, parse_label_config
-from backend.label_studio import LabelStudioAuth
 from maskclip_engine.training import TrainingImage
+
+from .errors import BackendError, ImageFetchError
+from .fetching import ImageFetcher
+from .label_config import LabelControl, parse_label_config
+from .label_studio import LabelStudioAuth
 
 log = logging.getLogger(__name__)
 
