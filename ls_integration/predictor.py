@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from .fetching import ImageFetcher
 from .label_config import LabelControl, ProjectSchema
 from .label_studio import LabelStudioAuth
 from .metrics import Metrics
+from .project_store import ProjectLink, ProjectStore
 from .regions import brush_region, polygon_regions
 from .settings import Settings
 
@@ -60,15 +60,6 @@ def model_version(model_id: str, weights_id: str, options: SegmentOptions) -> st
     return "-".join(parts)
 
 
-@dataclass
-class ProjectLink:
-    """What ``/setup`` told us about a project: where its Label Studio is, and its config."""
-
-    hostname: str | None = None
-    access_token: str | None = field(default=None, repr=False)
-    label_config: str | None = None
-
-
 class Predictor:
     """Owns the loaded model; thread-safe. Built once per process."""
 
@@ -85,7 +76,7 @@ class Predictor:
         )
         self.registry = ModelRegistry(settings.model_dir)
         self._students: dict[Path, tuple[float, StudentSegmenter]] = {}
-        self._links: dict[str, ProjectLink] = {}
+        self.projects = ProjectStore(settings.model_dir)  # shared by every replica and worker
         self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.fetch_threads, thread_name_prefix="fetch")
@@ -96,12 +87,10 @@ class Predictor:
 
     # ------------------------------------------------------------ projects
     def link_project(self, project: str, link: ProjectLink) -> None:
-        with self._lock:
-            self._links[project] = link
+        self.projects.save(project, link)
 
     def project_link(self, project: str) -> ProjectLink | None:
-        with self._lock:
-            return self._links.get(project)
+        return self.projects.load(project)
 
     def warm_text_cache(self, schema: ProjectSchema) -> threading.Thread:
         """Compute a project's label embeddings in the background so the first prediction is fast."""

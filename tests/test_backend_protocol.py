@@ -68,6 +68,7 @@ def settings(tiny_vit, document_root: Path, label_studio_stub: FileServer, tmp_p
         label_studio_api_key="secret-token",
         local_files_root=document_root,
         cache_dir=tmp_path_factory.mktemp("cache"),
+        model_dir=tmp_path_factory.mktemp("models"),
         segment=SegmentOptions(short_side=64),
     )
 

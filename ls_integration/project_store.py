@@ -1,0 +1,96 @@
+"""Per-project state shared by every backend replica and worker: what ``/setup`` said about a project.
+
+Label Studio calls ``/setup`` on whichever replica its load balancer picks;
+the ``/predict`` that follows may land on another one, and a worker on another
+host may need the project's Label Studio address to write predictions. So the
+link lives in the shared model folder, beside the project's students::
+
+    project-12/
+        link.json     {"hostname": ..., "access_token": ..., "label_config": ..., "updated": ...}
+
+The file is written atomically (a reader sees the old or the new link, never
+half of one) and readable by its owner only, since it holds an API token.
+Reads are cached per process and revalidated by the file's modification time,
+so a ``/predict`` costs one ``stat``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from maskclip_engine.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+LINK_FILE = "link.json"
+
+
+@dataclass(frozen=True)
+class ProjectLink:
+    """What ``/setup`` told us about a project: where its Label Studio is, and its config."""
+
+    hostname: str | None = None
+    access_token: str | None = field(default=None, repr=False)
+    label_config: str | None = None
+
+
+class ProjectStore:
+    """Project links under ``model_dir``; safe for many threads, processes and hosts sharing the folder."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self._cache: dict[str, tuple[int, ProjectLink]] = {}
+        self._lock = threading.Lock()
+
+    def path(self, project: str | int) -> Path:
+        project = str(project)
+        if not project.isdigit():
+            raise ValueError(f"project {project!r} is not a Label Studio project id.")
+        return self.model_dir / f"project-{project}" / LINK_FILE
+
+    def save(self, project: str | int, link: ProjectLink) -> None:
+        """Record ``link``; a link equal to the stored one is not rewritten (``/setup`` comes often)."""
+        if self.load(project) == link:
+            return
+        path = self.path(project)
+        data = json.dumps({**asdict(link), "updated": time.time()}, sort_keys=True).encode()
+
+        def write(handle) -> None:
+            os.fchmod(handle.fileno(), 0o600)  # it holds the project's API token
+            handle.write(data)
+
+        atomic_write(path, write)
+        with self._lock:
+            self._cache.pop(str(project), None)
+
+    def load(self, project: str | int) -> ProjectLink | None:
+        """The stored link, or None when no replica has seen ``/setup`` for ``project``."""
+        path = self.path(project)
+        try:
+            stamp = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        key = str(project)
+        with self._lock:
+            cached = self._cache.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable project link %s: %s", path, exc)
+            return None
+        link = ProjectLink(
+            hostname=raw.get("hostname"), access_token=raw.get("access_token"), label_config=raw.get("label_config")
+        )
+        with self._lock:
+            self._cache[key] = (stamp, link)
+        return link
