@@ -15,6 +15,7 @@ from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 
 from ls_integration.errors import BackendError, BadRequestError, QueueUnavailableError
+from ls_integration.host_pin import HostPin
 from ls_integration.label_config import SchemaCache
 from ls_integration.metrics import Metrics
 from ls_integration.predictor import Predictor, ProjectLink
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     metrics = predictor.metrics if predictor is not None else Metrics()
     predictor = predictor or Predictor.from_settings(settings, metrics)
     schemas = SchemaCache(settings.max_labels)
+    host_pin = HostPin(settings.label_studio_url, settings.model_dir)
     queue = TrainingQueue(settings, predictor)
     warmed: set[str] = set()
     warm_lock = threading.Lock()
@@ -98,9 +100,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         project = _project_id(body.get("project"))
         config = body.get("schema")
         schema = schemas.get(config)
+        hostname = host_pin.admit(body.get("hostname"))  # before anything is stored: a foreign host is refused
         predictor.link_project(
             project,
-            ProjectLink(hostname=body.get("hostname"), access_token=body.get("access_token"), label_config=config),
+            ProjectLink(hostname=hostname, access_token=body.get("access_token"), label_config=config),
         )
         with warm_lock:
             fresh = config not in warmed

@@ -21,7 +21,7 @@ from maskclip_engine import InvalidImageError
 from maskclip_engine.images import decode_image
 
 from .errors import ImageFetchError
-from .label_studio import LabelStudioAuth, origin
+from .label_studio import LabelStudioAuth, host_allowed, origin
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,17 @@ class ImageFetcher:
         raise ImageFetchError(f"{_safe(url)} redirects more than {_MAX_REDIRECTS} times.")
 
     def _headers_for(self, url: str) -> dict[str, str]:
-        scheme, host, _ = origin(url)
+        scheme, host, port = origin(url)
         if scheme not in ("http", "https"):
             raise ImageFetchError(f"{_safe(url)} is not an http(s) URL.")
         if self.auth is not None and self.auth.same_origin(url):
             return self.auth.headers()
-        if host in self.settings.allowed_hosts:
+        if host_allowed(url, self.settings.allowed_hosts):
             return {}
         raise ImageFetchError(
-            f"{host} is neither the Label Studio host nor in MASKCLIP_ALLOWED_HOSTS; the backend does not "
-            "fetch from arbitrary hosts. Add it to MASKCLIP_ALLOWED_HOSTS if it is trusted."
+            f"{scheme}://{host}:{port} is neither the Label Studio host nor in MASKCLIP_ALLOWED_HOSTS; the backend "
+            "does not fetch from arbitrary hosts. Add it to MASKCLIP_ALLOWED_HOSTS (scheme://host:port) if it is "
+            "trusted."
         )
 
     def _read_limited(self, response: requests.Response, url: str) -> bytes:

@@ -12,6 +12,7 @@ from pathlib import Path
 from maskclip_engine import Segmenter, SegmentOptions
 
 from .errors import ConfigurationError
+from .label_studio import allowed_origin
 
 
 def _bool(name: str, default: bool) -> bool:
@@ -146,6 +147,11 @@ class Settings:
         for name in ("max_image_bytes", "max_image_pixels", "max_labels", "train_iterations", "train_batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive.")
+        for entry in self.allowed_hosts:
+            try:
+                allowed_origin(entry)
+            except ValueError as exc:
+                raise ConfigurationError(f"MASKCLIP_ALLOWED_HOSTS: {exc}.") from None
         if self.student_backbone not in ("clip", "resnet50", "resnet101"):
             raise ConfigurationError(
                 f"MASKCLIP_STUDENT_BACKBONE={self.student_backbone!r}: use clip, resnet50 or resnet101."

@@ -130,7 +130,14 @@ def test_allowed_hosts_get_no_credentials(settings, predictor, label_studio_stub
     foreign = FileServer(host="127.0.0.2")
     foreign.files["/cat.png"] = png_bytes(scene(30, 30))
     try:
-        allowed = client_with(settings, predictor, allowed_hosts=("127.0.0.2",))
+        tasks = [{"id": 1, "data": {"image": f"{foreign.url}/cat.png"}}]
+        # An entry matches scheme, host and port: the host name alone, or another scheme, is not enough.
+        for entries in (("127.0.0.2",), (f"https://127.0.0.2:{foreign.port}",), ("127.0.0.2:1",)):
+            refused = client_with(settings, predictor, allowed_hosts=entries)
+            reply = refused.post("/predict", json={"tasks": tasks, "label_config": BRUSH_CONFIG})
+            assert reply.json["results"][0]["result"] == []
+        assert foreign.seen == []
+        allowed = client_with(settings, predictor, allowed_hosts=(f"127.0.0.2:{foreign.port}",))
         tasks = [
             {"id": 1, "data": {"image": f"{foreign.url}/cat.png"}},
             {"id": 2, "data": {"image": f"{label_studio_stub.url}/data/upload/1/street.png"}},
