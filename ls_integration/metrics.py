@@ -1,51 +1,89 @@
-"""A small thread-safe registry that speaks the Prometheus text format on ``/metrics``."""
+"""The backend's metrics, served as Prometheus text on ``/metrics`` through ``prometheus_client``.
+
+Each :class:`Metrics` owns its own ``CollectorRegistry``: two apps in one
+process (tests build many) never share or collide on counters.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 
-_HELP = {
-    "maskclip_http_requests_total": ("counter", "HTTP requests by route and status."),
-    "maskclip_tasks_predicted_total": ("counter", "Tasks that got a prediction."),
-    "maskclip_task_failures_total": ("counter", "Tasks that got an empty prediction, by reason."),
-    "maskclip_predict_seconds": ("summary", "Time spent answering /predict."),
-    "maskclip_model_info": ("gauge", "The model serving predictions."),
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# name -> (kind, help, label names). Names are what dashboards already query: keep them.
+FAMILIES: dict[str, tuple[type[MetricWrapperBase], str, tuple[str, ...]]] = {
+    "maskclip_http_requests_total": (Counter, "HTTP requests by route and status.", ("route", "status")),
+    "maskclip_tasks_predicted_total": (Counter, "Tasks that got a prediction.", ()),
+    "maskclip_task_failures_total": (Counter, "Tasks that got no prediction, by reason.", ("reason",)),
+    "maskclip_predict_seconds": (Summary, "Time spent answering /predict.", ()),
+    "maskclip_inference_wait_seconds": (Summary, "Time a /predict batch waited for its device.", ()),
+    "maskclip_model_info": (Gauge, "The model serving predictions.", ("version", "device")),
+    "maskclip_preannotate_total": (
+        Gauge,
+        "Tasks a pre-annotation run has to consider, by project and target version.",
+        ("project", "version"),
+    ),
+    "maskclip_preannotate_done": (
+        Gauge,
+        "Tasks a pre-annotation run has finished (predicted, failed or skipped).",
+        ("project", "version"),
+    ),
+    "maskclip_preannotate_failed": (
+        Gauge,
+        "Tasks a pre-annotation run left without a prediction because their image failed.",
+        ("project", "version"),
+    ),
+    "maskclip_preannotate_tasks_per_second": (
+        Gauge,
+        "Throughput of a pre-annotation run.",
+        ("project", "version"),
+    ),
+    "maskclip_preannotate_running": (
+        Gauge,
+        "1 while a pre-annotation run is live, 0 once it has finished.",
+        ("project", "version", "phase"),
+    ),
 }
 
 
 class Metrics:
+    """Counters, gauges and summaries by name, as the rest of the code calls them; thread-safe."""
+
     def __init__(self) -> None:
-        self._values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = defaultdict(float)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._families: dict[str, MetricWrapperBase] = {}
         self._lock = threading.Lock()
 
-    def count(self, name: str, value: float = 1.0, **labels: str) -> None:
+    def _family(self, name: str) -> MetricWrapperBase:
         with self._lock:
-            self._values[(name, tuple(sorted(labels.items())))] += value
+            family = self._families.get(name)
+            if family is None:
+                if name not in FAMILIES:
+                    raise KeyError(f"unknown metric {name!r}; declare it in ls_integration/metrics.py FAMILIES")
+                kind, text, labels = FAMILIES[name]
+                family = self._families[name] = kind(name, text, labels, registry=self.registry)
+            return family
+
+    def _child(self, name: str, labels: dict[str, str]) -> MetricWrapperBase:
+        family = self._family(name)
+        return family.labels(**{k: str(v) for k, v in labels.items()}) if labels else family
+
+    def count(self, name: str, value: float = 1.0, **labels: str) -> None:
+        self._child(name, labels).inc(value)
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        with self._lock:
-            self._values[(name, tuple(sorted(labels.items())))] = value
+        self._child(name, labels).set(value)
 
     def observe(self, name: str, seconds: float) -> None:
-        with self._lock:
-            self._values[(f"{name}_sum", ())] += seconds
-            self._values[(f"{name}_count", ())] += 1
+        self._family(name).observe(seconds)
+
+    def forget(self, name: str) -> None:
+        """Drop every labelled series of a gauge family (before re-reading state that may have ended)."""
+        family = self._family(name)
+        family.clear()
 
     def render(self) -> str:
-        with self._lock:
-            items = sorted(self._values.items())
-        lines, announced = [], set()
-        for (name, labels), value in items:
-            family = name.removesuffix("_sum").removesuffix("_count")
-            if family not in announced and family in _HELP:
-                kind, text = _HELP[family]
-                lines += [f"# HELP {family} {text}", f"# TYPE {family} {kind}"]
-                announced.add(family)
-            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-            lines.append(f"{name}{{{label_text}}} {value:g}" if label_text else f"{name} {value:g}")
-        return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return generate_latest(self.registry).decode()
