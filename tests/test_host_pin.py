@@ -75,12 +75,15 @@ def unpinned_client(settings, predictor, model_dir, **changes):  # noqa: F811
     return create_app(changed, Predictor(predictor.segmenter, changed)).test_client()
 
 
-def test_first_host_is_kept_and_a_foreign_one_refused(
-    settings, predictor, label_studio_stub, listener, queue_redis, tmp_path  # noqa: F811
-) -> None:
+def test_foreign_setup_refused(settings, predictor, label_studio_stub, listener, queue_redis, tmp_path) -> None:  # noqa: F811
     redis_url = f"unix://{queue_redis.socket_file}"
     client = unpinned_client(settings, predictor, tmp_path, redis_url=redis_url)
-    first = {"project": "1.1", "schema": BRUSH_CONFIG, "hostname": label_studio_stub.url, "access_token": "secret-token"}
+    first = {
+        "project": "1.1",
+        "schema": BRUSH_CONFIG,
+        "hostname": label_studio_stub.url,
+        "access_token": "secret-token",
+    }
     assert client.post("/setup", json=first).status_code == 200
     assert pinned_host(tmp_path) == label_studio_stub.url
 
