@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 
-from ls_integration.errors import BackendError, BadRequestError, QueueUnavailableError
+from ls_integration.errors import BackendError, BadRequestError, QueueUnavailableError, TooManyTasksError
 from ls_integration.host_pin import HostPin
 from ls_integration.label_config import SchemaCache
 from ls_integration.metrics import Metrics
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     settings = settings or (predictor.settings if predictor is not None else Settings.from_env())
     metrics = predictor.metrics if predictor is not None else Metrics()
     predictor = predictor or Predictor.from_settings(settings, metrics)
-    schemas = SchemaCache(settings.max_labels)
+    schemas = SchemaCache(settings.max_labels, max_prompts=settings.max_prompts)
     host_pin = HostPin(settings.label_studio_url, settings.model_dir)
     queue = TrainingQueue(settings, predictor)
     warmed: set[str] = set()
@@ -42,6 +42,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     app = Flask("maskclip_backend")
     app.config["MASKCLIP_PREDICTOR"] = predictor
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies are refused before being read
     metrics.set("maskclip_model_info", 1, version=predictor.version, device=str(predictor.segmenter.clip.device))
 
     @app.before_request
@@ -84,6 +85,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     def _wrong_method(_exc):
         return jsonify({"error": f"{request.method} is not allowed on {request.path}"}), 405
 
+    @app.errorhandler(413)
+    def _too_large(_exc):
+        return jsonify(
+            {
+                "error": f"the request body is over {settings.max_request_bytes:,} bytes; send fewer tasks per "
+                "request or raise MASKCLIP_MAX_REQUEST_BYTES."
+            }
+        ), 413
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("unhandled error on %s", request.path)
@@ -118,6 +128,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         tasks = body.get("tasks")
         if not isinstance(tasks, list):
             raise BadRequestError("the body needs 'tasks': a list of Label Studio tasks.")
+        if len(tasks) > settings.max_tasks:
+            raise TooManyTasksError(
+                f"{len(tasks)} tasks in one request, over this backend's limit of {settings.max_tasks}; select fewer "
+                "tasks in Label Studio or raise MASKCLIP_MAX_TASKS."
+            )
         project = _project_id(body.get("project"), required=False)
         config = body.get("label_config")
         if not config and project:
@@ -128,7 +143,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         requested = body.get("model_version") or params.get("model_version")
         results = predictor.predict(tasks, schemas.get(config), project, requested=requested)
-        served = results[0]["model_version"] if results else predictor.project_version(project, None)
+        # A task whose image failed has [] (no prediction): Label Studio asks for it again next time.
+        served = next((r["model_version"] for r in results if r), None) or predictor.project_version(project, None)
         return jsonify({"results": results, "model_version": served})
 
     @app.post("/webhook")

@@ -29,3 +29,9 @@ class QueueUnavailableError(BackendError):
     """Training cannot be queued right now."""
 
     status = 503
+
+
+class TooManyTasksError(BackendError):
+    """A request carries more work than the backend's limits allow."""
+
+    status = 413

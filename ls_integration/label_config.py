@@ -39,8 +39,12 @@ class ProjectSchema:
         return sorted({c.data_key for c in self.controls})
 
 
-def parse_label_config(config: str, max_labels: int = 1000) -> ProjectSchema:
-    """Find the supported controls of a labeling config, or say clearly why there are none."""
+def parse_label_config(config: str, max_labels: int = 1000, max_prompts: int = 4000) -> ProjectSchema:
+    """Find the supported controls of a labeling config, or say clearly why there are none.
+
+    Every label and synonym costs a text embedding and a class in every
+    segmentation, so both are capped over the whole config (all controls).
+    """
     if not isinstance(config, str) or not config.strip():
         raise UnsupportedLabelConfigError("the labeling config is empty; send the project's label_config XML.")
     try:
@@ -51,6 +55,7 @@ def parse_label_config(config: str, max_labels: int = 1000) -> ProjectSchema:
     objects = {obj.name: obj for obj in interface.objects}
     controls = []
     seen = []
+    total_labels = total_prompts = 0
     for control in interface.controls:
         kind = control.tag.lower()
         seen.append(control.tag)
@@ -65,12 +70,20 @@ def parse_label_config(config: str, max_labels: int = 1000) -> ProjectSchema:
             labels = tuple(control.labels)
             if not labels:
                 raise UnsupportedLabelConfigError(f"<{control.tag} name={control.name!r}> has no <Label> values.")
-            if len(labels) > max_labels:
+            total_labels += len(labels)
+            if total_labels > max_labels:
                 raise UnsupportedLabelConfigError(
-                    f"<{control.tag} name={control.name!r}> has {len(labels)} labels, over this backend's limit "
-                    f"of {max_labels} (MASKCLIP_MAX_LABELS)."
+                    f"the config has over {max_labels} labels (at <{control.tag} name={control.name!r}>, all "
+                    f"controls counted), over this backend's limit; raise MASKCLIP_MAX_LABELS to allow more."
                 )
             prompts = tuple(_prompts(label, control.labels_attrs[label].attr) for label in labels)
+            total_prompts += sum(len(p) for p in prompts)
+            if total_prompts > max_prompts:
+                raise UnsupportedLabelConfigError(
+                    f"the config has over {max_prompts} label texts and predicted_values synonyms (at "
+                    f"<{control.tag} name={control.name!r}>, all controls counted), over this backend's limit; "
+                    "raise MASKCLIP_MAX_PROMPTS to allow more."
+                )
             controls.append(
                 LabelControl(
                     from_name=control.name,
@@ -98,8 +111,9 @@ def _prompts(label: str, attrs: dict) -> tuple[str, ...]:
 class SchemaCache:
     """Parsed configs by their text: parsing XML for every request is wasted work."""
 
-    def __init__(self, max_labels: int, size: int = 64) -> None:
+    def __init__(self, max_labels: int, size: int = 64, max_prompts: int = 4000) -> None:
         self.max_labels = max_labels
+        self.max_prompts = max_prompts
         self.size = size
         self._items: OrderedDict[str, ProjectSchema] = OrderedDict()
         self._lock = threading.Lock()
@@ -110,7 +124,7 @@ class SchemaCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        schema = parse_label_config(config, self.max_labels)
+        schema = parse_label_config(config, self.max_labels, self.max_prompts)
         with self._lock:
             self._items[key] = schema
             while len(self._items) > self.size:

@@ -61,7 +61,11 @@ class Settings:
     basic_auth_pass: str | None = field(default=None, repr=False)
     max_image_bytes: int = 50 * 1024 * 1024
     max_image_pixels: int = 50_000_000
-    max_labels: int = 1000
+    max_labels: int = 1000  # labels in one config, all controls together
+    max_prompts: int = 4000  # label texts plus their predicted_values synonyms, all controls together
+    max_tasks: int = 1000  # tasks in one /predict request
+    max_request_bytes: int = 64 * 1024 * 1024  # one request body
+    student_cache_size: int = 4  # trained students kept loaded per process (least recently used dropped)
     fetch_timeout: float = 30.0
     fetch_threads: int = 8
     queue_name: str = "maskclip-training"
@@ -71,8 +75,17 @@ class Settings:
     train_crop: int = 320
     train_lr: float = 0.01
     student_backbone: str = "clip"
+    student_backbone_weights: str | None = None  # ResNet students: a local ImageNet file, or "random"
     holdout_fraction: float = 0.2
+    gate_min_pixels: int = 200_000  # held-out labelled pixels the gate needs before it may promote
+    gate_margin: float = 0.005  # a candidate must beat the current model's held-out mIoU by more than this
     job_timeout: int = 6 * 3600
+    predict_batch: int = 8  # /predict fetches, segments and encodes this many tasks at a time
+    torch_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    preannotate_on_import: bool = True  # TASKS_CREATED webhooks queue pre-annotation of the new tasks
+    preannotate_chunk: int = 32  # tasks per unit of pre-annotation work a worker takes
+    preannotate_skip_annotated: bool = True  # whole-project runs leave tasks with submitted annotations alone
+    preannotate_lease_s: int = 60  # a chunk whose worker is silent this long is taken over by another
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -115,6 +128,10 @@ class Settings:
             max_image_bytes=int(_number("MASKCLIP_MAX_IMAGE_BYTES", cls.max_image_bytes, int)),
             max_image_pixels=int(_number("MASKCLIP_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
             max_labels=int(_number("MASKCLIP_MAX_LABELS", cls.max_labels, int)),
+            max_prompts=int(_number("MASKCLIP_MAX_PROMPTS", cls.max_prompts, int)),
+            max_tasks=int(_number("MASKCLIP_MAX_TASKS", cls.max_tasks, int)),
+            max_request_bytes=int(_number("MASKCLIP_MAX_REQUEST_BYTES", cls.max_request_bytes, int)),
+            student_cache_size=int(_number("MASKCLIP_STUDENT_CACHE_SIZE", cls.student_cache_size, int)),
             fetch_timeout=_number("MASKCLIP_FETCH_TIMEOUT", cls.fetch_timeout),
             queue_name=os.environ.get("MASKCLIP_QUEUE", cls.queue_name),
             train_every=int(_number("MASKCLIP_TRAIN_EVERY", cls.train_every, int)),
@@ -123,8 +140,17 @@ class Settings:
             train_crop=int(_number("MASKCLIP_TRAIN_CROP", cls.train_crop, int)),
             train_lr=_number("MASKCLIP_TRAIN_LR", cls.train_lr),
             student_backbone=os.environ.get("MASKCLIP_STUDENT_BACKBONE", cls.student_backbone),
+            student_backbone_weights=_optional("MASKCLIP_STUDENT_BACKBONE_WEIGHTS"),
             holdout_fraction=_number("MASKCLIP_HOLDOUT_FRACTION", cls.holdout_fraction),
+            gate_min_pixels=int(_number("MASKCLIP_GATE_MIN_PIXELS", cls.gate_min_pixels, int)),
+            gate_margin=_number("MASKCLIP_GATE_MARGIN", cls.gate_margin),
             job_timeout=int(_number("MASKCLIP_JOB_TIMEOUT", cls.job_timeout, int)),
+            predict_batch=int(_number("MASKCLIP_PREDICT_BATCH", cls.predict_batch, int)),
+            torch_threads=int(_number("MASKCLIP_TORCH_THREADS", cls.torch_threads, int)),
+            preannotate_on_import=_bool("MASKCLIP_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import),
+            preannotate_chunk=int(_number("MASKCLIP_PREANNOTATE_CHUNK", cls.preannotate_chunk, int)),
+            preannotate_skip_annotated=_bool("MASKCLIP_PREANNOTATE_SKIP_ANNOTATED", cls.preannotate_skip_annotated),
+            preannotate_lease_s=int(_number("MASKCLIP_PREANNOTATE_LEASE_S", cls.preannotate_lease_s, int)),
         )
         settings.validate()
         return settings
@@ -144,7 +170,20 @@ class Settings:
             raise ConfigurationError(
                 f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={self.local_files_root} is not a folder on this machine."
             )
-        for name in ("max_image_bytes", "max_image_pixels", "max_labels", "train_iterations", "train_batch_size"):
+        for name in (
+            "max_image_bytes",
+            "max_image_pixels",
+            "max_labels",
+            "max_prompts",
+            "max_tasks",
+            "max_request_bytes",
+            "student_cache_size",
+            "train_iterations",
+            "train_batch_size",
+            "predict_batch",
+            "preannotate_chunk",
+            "preannotate_lease_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive.")
         for entry in self.allowed_hosts:
@@ -158,3 +197,7 @@ class Settings:
             )
         if not 0 < self.holdout_fraction < 1:
             raise ConfigurationError("MASKCLIP_HOLDOUT_FRACTION must be between 0 and 1.")
+        if self.gate_min_pixels < 0 or not 0 <= self.gate_margin < 1:
+            raise ConfigurationError(
+                "MASKCLIP_GATE_MIN_PIXELS must be 0 or more and MASKCLIP_GATE_MARGIN between 0 and 1 (an mIoU gain)."
+            )
