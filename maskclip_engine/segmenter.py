@@ -16,6 +16,7 @@ from .config import ModelSpec, SegmentOptions
 from .dense import dense_features
 from .errors import InvalidOptionError
 from .images import resized_shape, to_rgb_array, window_starts
+from .interactive import DenseState
 from .loading import LoadedClip, load_clip
 from .prompts import LabelInput, LabelSet
 from .refinement import refine
@@ -148,6 +149,68 @@ class Segmenter:
         owner = torch.tensor(labelset.owner, device=self.clip.device)
         canvases = self._encode(arrays, text, owner, len(labelset), opts)
         return [self._finish(rgb.shape[:2], canvas, labelset, opts) for rgb, canvas in zip(arrays, canvases)]
+
+    @torch.inference_mode()
+    def segment_with_state(
+        self, image: Any, labels: Sequence[LabelInput], **options: Any
+    ) -> tuple[SegmentationResult, DenseState]:
+        """``segment`` plus the image's dense state (features, keys, label probabilities on the grid).
+
+        One forward pass serves both: the result is what ``segment`` returns,
+        and the state answers later clicks, boxes and phrases on this image
+        (see :mod:`maskclip_engine.interactive`).
+        """
+        opts = self.options.replace(**options)
+        self._check_windows(opts)
+        labelset = LabelSet.parse(labels)
+        rgb = to_rgb_array(image)
+        text = self.text.embed(labelset.prompts).to(self.clip.device)
+        owner = torch.tensor(labelset.owner, device=self.clip.device)
+        s = self.stride
+        height, width = resized_shape(*rgb.shape[:2], opts.short_side, opts.max_long_side, s)
+        pixels = self.normalize(rgb, (height, width))
+        if opts.mode == "whole":
+            windows = [(0, 0, height, width)]
+        else:
+            wh, ww = min(opts.crop, height), min(opts.crop, width)
+            windows = [
+                (t, left, wh, ww)
+                for t in window_starts(height, wh, opts.stride)
+                for left in window_starts(width, ww, opts.stride)
+            ]
+        sums: dict[str, torch.Tensor] = {}
+        count = torch.zeros(height // s, width // s, device=self.clip.device)
+        for start in range(0, len(windows), opts.batch_size):
+            chunk = windows[start : start + opts.batch_size]
+            batch = torch.stack([pixels[:, t : t + wh, left : left + ww] for t, left, wh, ww in chunk])
+            features, keys = self.dense_features_and_keys(batch, opts.dense_mode)
+            logits = self._label_logits(features, text, owner, len(labelset))
+            for i, (t, left, wh, ww) in enumerate(chunk):
+                cells = (slice(t // s, (t + wh) // s), slice(left // s, (left + ww) // s))
+                for name, value in (("features", features), ("keys", keys), ("logits", logits)):
+                    if name not in sums:
+                        sums[name] = value.new_zeros((value.shape[1], height // s, width // s))
+                    sums[name][(slice(None), *cells)] += value[i]
+                count[cells] += 1
+        mean = {name: value / count.clamp_min(1) for name, value in sums.items()}
+        result = self._finish(rgb.shape[:2], _Canvas(sums["logits"], sums["keys"], count), labelset, opts)
+        refined = refine(
+            mean["logits"],
+            mean["keys"],
+            logit_scale=opts.logit_scale,
+            prompt_denoise=opts.prompt_denoising,
+            pd_threshold=opts.pd_threshold,
+            key_smooth=opts.key_smoothing,
+        )
+        state = DenseState(
+            features=mean["features"].float().cpu(),
+            keys=mean["keys"].float().cpu(),
+            probs=refined.probs.float().cpu(),
+            labels=tuple(labelset.names),
+            image_size=(int(rgb.shape[0]), int(rgb.shape[1])),
+            stride=s,
+        )
+        return result, state
 
     def _check_windows(self, opts: SegmentOptions) -> None:
         if opts.dense_mode != "maskclip" and self.clip.arch != "vit":
