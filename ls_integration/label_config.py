@@ -12,6 +12,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from .errors import UnsupportedLabelConfigError
 
 SUPPORTED_CONTROLS = {"brushlabels": "brushlabels", "polygonlabels": "polygonlabels"}
+# Interactive prompts: smart keypoints and boxes (Label Studio sends them only with smart="true"), and text.
+SMART_CONTROLS = {"keypointlabels": "keypoint", "rectanglelabels": "box", "textarea": "text"}
 
 
 @dataclass(frozen=True)
@@ -31,12 +33,30 @@ class LabelControl:
 
 
 @dataclass(frozen=True)
+class SmartControl:
+    """An interactive prompt control on an image: a smart ``<KeyPointLabels>`` or ``<RectangleLabels>``, or a
+    ``<TextArea>``; ``kind`` is ``keypoint``, ``box`` or ``text``."""
+
+    from_name: str
+    to_name: str
+    kind: str
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ProjectSchema:
     controls: tuple[LabelControl, ...]
+    smart: tuple[SmartControl, ...] = ()
 
     @property
     def data_keys(self) -> list[str]:
         return sorted({c.data_key for c in self.controls})
+
+    def output_for(self, to_name: str) -> LabelControl | None:
+        """The brush (preferred) or polygon control that interactive masks on image ``to_name`` are given to."""
+        on_image = [c for c in self.controls if c.to_name == to_name]
+        brushes = [c for c in on_image if c.result_type == "brushlabels"]
+        return (brushes or on_image or [None])[0]
 
 
 def parse_label_config(config: str, max_labels: int = 1000, max_prompts: int = 4000) -> ProjectSchema:
@@ -54,11 +74,18 @@ def parse_label_config(config: str, max_labels: int = 1000, max_prompts: int = 4
 
     objects = {obj.name: obj for obj in interface.objects}
     controls = []
+    smart: list[SmartControl] = []
     seen = []
     total_labels = total_prompts = 0
     for control in interface.controls:
         kind = control.tag.lower()
         seen.append(control.tag)
+        if kind in SMART_CONTROLS and (kind == "textarea" or _true(control.attr.get("smart"))):
+            smart += [
+                SmartControl(control.name, to_name, SMART_CONTROLS[kind], tuple(getattr(control, "labels", ()) or ()))
+                for to_name in control.to_name
+                if to_name in objects and objects[to_name].tag.lower() == "image"
+            ]
         if kind not in SUPPORTED_CONTROLS:
             continue
         for to_name in control.to_name:
@@ -100,7 +127,11 @@ def parse_label_config(config: str, max_labels: int = 1000, max_prompts: int = 4
             f"this backend predicts <BrushLabels> and <PolygonLabels> on an <Image>; the config has {found}. "
             'Add e.g. <BrushLabels name="tag" toName="image"><Label value="cat"/></BrushLabels>.'
         )
-    return ProjectSchema(tuple(controls))
+    return ProjectSchema(tuple(controls), tuple(s for s in smart if any(c.to_name == s.to_name for c in controls)))
+
+
+def _true(value: object) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
 
 
 def _prompts(label: str, attrs: dict) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ FAMILIES: dict[str, tuple[type[MetricWrapperBase], str, tuple[str, ...]]] = {
     "maskclip_task_failures_total": (Counter, "Tasks that got no prediction, by reason.", ("reason",)),
     "maskclip_predict_seconds": (Summary, "Time spent answering /predict.", ()),
     "maskclip_inference_wait_seconds": (Summary, "Time a /predict batch waited for its device.", ()),
+    "maskclip_interactive_seconds": (Summary, "Time spent answering an interactive (smart tool) /predict.", ()),
     "maskclip_model_info": (Gauge, "The model serving predictions.", ("version", "device")),
     "maskclip_preannotate_total": (
         Gauge,

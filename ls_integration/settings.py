@@ -82,6 +82,7 @@ class Settings:
     job_timeout: int = 6 * 3600
     predict_batch: int = 8  # /predict fetches, segments and encodes this many tasks at a time
     torch_threads: int = 0  # torch intra-op threads per process (0: torch's default)
+    feature_cache_mb: float = 512.0  # dense state of recently seen images for interactive tools (0: off)
     preannotate_on_import: bool = True  # TASKS_CREATED webhooks queue pre-annotation of the new tasks
     preannotate_chunk: int = 32  # tasks per unit of pre-annotation work a worker takes
     preannotate_skip_annotated: bool = True  # whole-project runs leave tasks with submitted annotations alone
@@ -147,6 +148,7 @@ class Settings:
             job_timeout=int(_number("MASKCLIP_JOB_TIMEOUT", cls.job_timeout, int)),
             predict_batch=int(_number("MASKCLIP_PREDICT_BATCH", cls.predict_batch, int)),
             torch_threads=int(_number("MASKCLIP_TORCH_THREADS", cls.torch_threads, int)),
+            feature_cache_mb=_number("MASKCLIP_FEATURE_CACHE_MB", cls.feature_cache_mb),
             preannotate_on_import=_bool("MASKCLIP_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import),
             preannotate_chunk=int(_number("MASKCLIP_PREANNOTATE_CHUNK", cls.preannotate_chunk, int)),
             preannotate_skip_annotated=_bool("MASKCLIP_PREANNOTATE_SKIP_ANNOTATED", cls.preannotate_skip_annotated),
@@ -195,6 +197,8 @@ class Settings:
             raise ConfigurationError(
                 f"MASKCLIP_STUDENT_BACKBONE={self.student_backbone!r}: use clip, resnet50 or resnet101."
             )
+        if self.feature_cache_mb < 0:
+            raise ConfigurationError("MASKCLIP_FEATURE_CACHE_MB must be 0 (off) or more megabytes.")
         if not 0 < self.holdout_fraction < 1:
             raise ConfigurationError("MASKCLIP_HOLDOUT_FRACTION must be between 0 and 1.")
         if self.gate_min_pixels < 0 or not 0 <= self.gate_margin < 1:
