@@ -3,6 +3,9 @@
 A text embedding depends only on the model, its weights, the templates and the
 text, so it is computed once per machine: the key of each entry is a hash of
 those four, and each entry is one small ``.npy`` file written atomically.
+
+Prompts are encoded at their real token length (see :mod:`.short_context`),
+always in float32: the cache is shared by processes of every precision.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +24,9 @@ import torch.nn.functional as F
 from .atomic import atomic_write
 from .loading import LoadedClip
 from .prompts import MASKCLIP_TEMPLATES, templates_digest
+from .short_context import ShortContextTower
+
+DEFAULT_MEMORY_ENTRIES = 4096  # one entry is a few KB (D float32s): a few MB at most
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,10 @@ log = logging.getLogger(__name__)
 class TextEmbedder:
     """Turns texts into L2-normalised template-ensemble embeddings ``[N, D]`` (float32, CPU).
 
-    Thread-safe. ``cache_dir=None`` keeps the cache in memory only.
+    Thread-safe. ``cache_dir=None`` keeps the cache on disk off. The memory
+    cache keeps the ``memory_entries`` most recently used texts (LRU), so a
+    long-running server that sees many label sets stays bounded.
+    ``short_context=False`` forces the full context length (for comparison).
     """
 
     def __init__(
@@ -36,12 +46,18 @@ class TextEmbedder:
         cache_dir: Path | None,
         templates: Sequence[str] = MASKCLIP_TEMPLATES,
         batch_size: int = 256,
+        memory_entries: int = DEFAULT_MEMORY_ENTRIES,
+        short_context: bool = True,
     ) -> None:
+        if memory_entries < 0:
+            raise ValueError(f"memory_entries must be 0 or more, got {memory_entries}.")
         self.clip = clip
         self.templates = tuple(templates)
         self.batch_size = batch_size
+        self.memory_entries = memory_entries
         self.cache_dir = Path(cache_dir) / "text-embeddings" if cache_dir is not None else None
-        self._memory: dict[str, torch.Tensor] = {}
+        self.tower = ShortContextTower.of(clip.model) if short_context else None
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.encoded_prompts = 0  # how many sentences went through the text encoder
 
@@ -61,6 +77,7 @@ class TextEmbedder:
             for key in keys:
                 if key in self._memory:
                     found[key] = self._memory[key]
+                    self._memory.move_to_end(key)
         for key in keys:
             if key not in found and (loaded := self._read(key)) is not None:
                 found[key] = loaded
@@ -70,9 +87,22 @@ class TextEmbedder:
                 key = self._key(text)
                 found[key] = emb
                 self._write(key, emb)
-        with self._lock:
-            self._memory.update(found)
+        self._remember(found)
         return torch.stack([found[k] for k in keys])
+
+    def _remember(self, found: dict[str, torch.Tensor]) -> None:
+        with self._lock:
+            for key, emb in found.items():
+                self._memory[key] = emb
+                self._memory.move_to_end(key)
+            while len(self._memory) > self.memory_entries:
+                self._memory.popitem(last=False)
+
+    @property
+    def memory_size(self) -> int:
+        """How many texts the memory cache holds now."""
+        with self._lock:
+            return len(self._memory)
 
     def _read(self, key: str) -> torch.Tensor | None:
         if self.cache_dir is None:
@@ -103,11 +133,14 @@ class TextEmbedder:
     def _encode(self, texts: list[str]) -> torch.Tensor:
         """Per-prompt L2 norm, mean over templates, renorm: the CLIP prompt ensemble."""
         sentences = [template.format(text) for text in texts for template in self.templates]
-        model, device = self.clip.model, self.clip.device
-        chunks = []
-        for start in range(0, len(sentences), self.batch_size):
-            tokens = self.clip.tokenizer(sentences[start : start + self.batch_size]).to(device)
-            chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+        tokens = self.clip.tokenizer(sentences).to(self.clip.device)
+        if self.tower is not None:
+            encoded = self.tower.encode(tokens, self.batch_size)
+        else:
+            model = self.clip.model
+            encoded = torch.cat(
+                [model.encode_text(tokens[i : i + self.batch_size]) for i in range(0, len(tokens), self.batch_size)]
+            )
         self.encoded_prompts += len(sentences)
-        per_prompt = torch.cat(chunks).reshape(len(texts), len(self.templates), -1)
+        per_prompt = F.normalize(encoded.float(), dim=-1).cpu().reshape(len(texts), len(self.templates), -1)
         return F.normalize(per_prompt.mean(dim=1), dim=-1)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from maskclip_engine import MASKCLIP_TEMPLATES, InvalidLabelsError, LabelSet, Segmenter
 from maskclip_engine.prompts import SCENE_TEMPLATES
 from maskclip_engine.segmenter import Segmenter as _Segmenter
+from maskclip_engine.short_context import ShortContextTower
+from maskclip_engine.text import TextEmbedder
 from tests.tiny_models import TinyModel
 
 
@@ -63,14 +66,15 @@ def test_label_parsing() -> None:
 
 
 def _counting(segmenter: Segmenter) -> list[int]:
+    """Counts runs of the text encoder (short-context or full) behind the caches."""
     calls = [0]
-    encode = segmenter.clip.model.encode_text
+    encode = segmenter.text._encode
 
     def counted(*args, **kwargs):
         calls[0] += 1
         return encode(*args, **kwargs)
 
-    segmenter.clip.model.encode_text = counted  # type: ignore[method-assign]
+    segmenter.text._encode = counted  # type: ignore[method-assign]
     return calls
 
 
@@ -92,14 +96,8 @@ def test_text_cache_second_call_and_second_process(tiny_vit: TinyModel, tmp_path
         "from maskclip_engine import Segmenter\n"
         f"s = Segmenter.from_pretrained({str(tiny_vit.config)!r}, {str(tiny_vit.state_dict)!r},"
         f" cache_dir={str(cache)!r})\n"
-        "calls = [0]\n"
-        "encode = s.clip.model.encode_text\n"
-        "def counted(*a, **k):\n"
-        "    calls[0] += 1\n"
-        "    return encode(*a, **k)\n"
-        "s.clip.model.encode_text = counted\n"
         f"emb = s.text_embeddings({labels!r})\n"
-        "print(json.dumps({'calls': calls[0], 'emb': emb.tolist()}))\n"
+        "print(json.dumps({'calls': s.text.encoded_prompts, 'emb': emb.tolist()}))\n"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,8 +113,6 @@ def test_cache_is_keyed_by_weights_and_templates(tiny_vit: TinyModel, tmp_path: 
     other_calls = _counting(other)
     other.text_embeddings(["boat"])
     assert other_calls[0] > 0  # other weights: not served from the first model's entries
-    from maskclip_engine.text import TextEmbedder
-
     short = TextEmbedder(plain.clip, cache, templates=("a photo of a {}.",))
     short.embed(["boat"])
     assert short.encoded_prompts == 1
@@ -131,3 +127,55 @@ def test_unreadable_cache_entry_is_recomputed(tiny_vit: TinyModel, tmp_path: Pat
     fresh = Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), cache_dir=cache)
     torch.testing.assert_close(fresh.text_embeddings(["lamp"]), good)
     assert fresh.text.encoded_prompts == 85
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_rn"])
+def test_short_context_encoding_equals_encode_text(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    tiny: TinyModel = request.getfixturevalue(name)
+    for pretrained in (tiny.state_dict, tiny.torchscript):  # GELU and QuickGELU towers
+        segmenter = Segmenter.from_pretrained(str(tiny.config), str(pretrained), cache_dir=tmp_path / name)
+        clip = segmenter.clip
+        tower = ShortContextTower.of(clip.model)
+        assert tower is not None
+        sentences = [
+            t.format(label) for label in ("cat", "a very long traffic light name", "x") for t in MASKCLIP_TEMPLATES
+        ]
+        tokens = clip.tokenizer(sentences)
+        lengths = set((tower.pooled_positions(tokens) + 1).tolist())
+        assert len(lengths) > 3 and max(lengths) < tokens.shape[1]  # several real lengths, all shorter than the context
+        with torch.no_grad():
+            full = clip.model.encode_text(tokens)
+            short = tower.encode(tokens, batch_size=7)  # batches smaller than a length group, too
+        torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+        # The embedder's short path equals its full-context path.
+        full_embedder = TextEmbedder(clip, None, short_context=False)
+        assert full_embedder.tower is None
+        torch.testing.assert_close(
+            TextEmbedder(clip, None).embed(["cat", "sky"]), full_embedder.embed(["cat", "sky"]), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_non_causal_towers_keep_the_full_context(tiny_vit: TinyModel) -> None:
+    model = open_clip.create_model(tiny_vit.name).eval()
+    assert ShortContextTower.of(model) is not None
+    model.attn_mask = torch.zeros_like(model.attn_mask)  # bidirectional: padding would change the result
+    assert ShortContextTower.of(model) is None
+    model = open_clip.create_model(tiny_vit.name).eval()
+    model.text_pool_type = "last"  # the last position sees the padding
+    assert ShortContextTower.of(model) is None
+    assert ShortContextTower.of(torch.nn.Linear(2, 2)) is None
+
+
+def test_memory_cache_is_bounded_lru(vit_segmenter: Segmenter) -> None:
+    embedder = TextEmbedder(vit_segmenter.clip, None, templates=("a photo of a {}.",), memory_entries=2)
+    embedder.embed(["a", "b"])
+    embedder.embed(["a"])  # "a" becomes the most recent
+    embedder.embed(["c"])  # evicts "b"
+    assert embedder.memory_size == 2
+    before = embedder.encoded_prompts
+    embedder.embed(["a", "c"])
+    assert embedder.encoded_prompts == before
+    embedder.embed(["b"])
+    assert embedder.encoded_prompts == before + 1
+    with pytest.raises(ValueError):
+        TextEmbedder(vit_segmenter.clip, None, memory_entries=-1)
