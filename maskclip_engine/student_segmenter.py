@@ -7,8 +7,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .images import resized_shape, to_rgb_array
+from .interactive import DenseState
 from .result import SegmentationResult, result_from_probabilities
 from .segmenter import Segmenter
 from .student import StudentCheckpoint, StudentNet
@@ -44,6 +46,34 @@ class StudentSegmenter:
             probs = student_probabilities(self.segmenter, self.net, rgb, self.dense_mode)
             results.append(result_from_probabilities(probs, rgb.shape[:2], self.labels, bg_threshold=bg_threshold))
         return results
+
+    @torch.inference_mode()
+    def segment_with_state(self, image: Any, bg_threshold: float = 0.0) -> tuple[SegmentationResult, DenseState]:
+        """``segment`` plus a dense state for interactions: CLIP's features and keys, the student's probabilities.
+
+        A student on CLIP features reads them from the same forward pass; a
+        ResNet student's probabilities are resized to CLIP's feature grid.
+        """
+        rgb = to_rgb_array(image)
+        seg = self.segmenter
+        size = resized_shape(*rgb.shape[:2], seg.options.short_side, seg.options.max_long_side, seg.stride)
+        features, keys = seg.dense_features_and_keys(seg.normalize(rgb, size)[None], self.dense_mode)
+        if self.net.needs_clip_features:
+            probs = torch.softmax(self.net(clip_features=features)[0].float(), dim=0)
+        else:
+            probs = student_probabilities(seg, self.net, rgb, self.dense_mode)
+        if tuple(probs.shape[1:]) != tuple(features.shape[2:]):
+            probs = F.interpolate(probs[None], size=features.shape[2:], mode="bilinear", align_corners=False)[0]
+        result = result_from_probabilities(probs, rgb.shape[:2], self.labels, bg_threshold=bg_threshold)
+        state = DenseState(
+            features=features[0].cpu(),
+            keys=keys[0].cpu(),
+            probs=probs.cpu(),
+            labels=tuple(self.labels),
+            image_size=(int(rgb.shape[0]), int(rgb.shape[1])),
+            stride=seg.stride,
+        )
+        return result, state
 
 
 def student_probabilities(
