@@ -177,7 +177,16 @@ def config_predictor(
         from .student import StudentCheckpoint
         from .student_segmenter import StudentSegmenter
 
-        student = StudentSegmenter(segmenter, StudentCheckpoint.load(Path(config.student), segmenter.clip.device))
+        checkpoint = StudentCheckpoint.load(Path(config.student), segmenter.clip.device)
+        asked = config.options.get("dense_mode", checkpoint.dense_mode)
+        if asked != checkpoint.dense_mode:
+            raise InvalidOptionError(
+                f"student {config.student} was trained on {checkpoint.dense_mode!r} features and is served with "
+                f"them; drop dense_mode={asked} from its configuration."
+            )
+        # Other options (image sizes) apply as they do to MaskCLIP; the student reads its own dense mode.
+        view = Segmenter(segmenter.clip, segmenter.options.replace(**config.options), segmenter.text)
+        student = StudentSegmenter(view, checkpoint)
         if student.labels != prompted.names:
             raise InvalidOptionError(
                 f"student {config.student} predicts {student.labels}, not this dataset's {prompted.names}."

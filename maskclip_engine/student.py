@@ -8,10 +8,17 @@ label space from its first step. Two backbones:
   The decoder is residual with a zero-initialised output, so at step 0 the
   student's argmax is exactly MaskCLIP's (without key smoothing or denoising).
 * ``resnet50``/``resnet101``: torchvision ResNets at output stride 8 with a
-  DeepLabv2 ASPP (dilations 6/12/18/24), the paper's set-up.
+  DeepLabv2 ASPP (dilations 6/12/18/24), the paper's set-up. BatchNorm is
+  frozen (ImageNet statistics and affine), as DeepLabv2 trains it, so small
+  batches are safe.
 
-Checkpoints are self-describing: architecture, labels, text embeddings,
-teacher and metrics travel with the weights, and load with ``weights_only``.
+A label with synonyms scores its best synonym, in the student as in MaskCLIP's
+own ``segment`` (one rule: :meth:`Segmenter._label_logits`).
+
+Checkpoints are self-describing: architecture, labels, synonyms, text
+embeddings, the teacher and the segmentation options it was trained under
+(dense mode, refinements, thresholds) and metrics travel with the weights, and
+load with ``weights_only``.
 """
 
 from __future__ import annotations
@@ -28,14 +35,20 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
 from .atomic import atomic_write
+from .config import SegmentOptions
 from .errors import InvalidOptionError, WeightsUnavailableError
+from .segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
 BACKBONES = ("clip", "resnet50", "resnet101")
-CHECKPOINT_FORMAT = "maskclip-student/1"
+CHECKPOINT_FORMAT = "maskclip-student/2"
+# /1: one mean text embedding per label, no recorded options; still loads, served as it was trained.
+READABLE_FORMATS = ("maskclip-student/1", CHECKPOINT_FORMAT)
+RANDOM_WEIGHTS = "random"  # backbone_weights value: start a ResNet from random weights on purpose
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -46,7 +59,9 @@ class StudentConfig:
     hidden: int = 256
     dilations: tuple[int, ...] = ()  # () picks the backbone's default
     initial_scale: float = 40.0  # temperature on cosine logits at the start of training
-    backbone_weights: str | None = None  # a local ImageNet checkpoint for ResNet backbones
+    # ResNet backbones: None fetches torchvision's IMAGENET1K_V1 (its cache, else a download), a path
+    # loads that file, "random" starts from random weights.
+    backbone_weights: str | None = None
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -92,15 +107,26 @@ class DeepLabV2ASPP(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """Cosine similarity to fixed, L2-normalised text embeddings, times a learned temperature."""
+    """Cosine similarity to fixed, L2-normalised text embeddings, times a learned temperature.
 
-    def __init__(self, text: torch.Tensor, initial_scale: float) -> None:
+    ``text`` is ``[S, D]``, one row per synonym; ``owner[s]`` is the label of row
+    ``s`` (``None``: one row per label). A label's logit is its best synonym's,
+    computed by the teacher's own code so the two can never disagree.
+    """
+
+    def __init__(self, text: torch.Tensor, initial_scale: float, owner: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("text", F.normalize(text.float(), dim=-1))
+        owner = torch.arange(text.shape[0]) if owner is None else torch.as_tensor(owner).long()
+        if owner.shape != (text.shape[0],):
+            raise ValueError(f"owner has shape {tuple(owner.shape)}; it needs one label index per text row")
+        # Not in the state dict: checkpoints store it beside the weights, and format-1 ones never had it.
+        self.register_buffer("owner", owner, persistent=False)
+        self.num_labels = int(owner.max()) + 1
         self.log_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cosine = torch.einsum("bdhw,cd->bchw", F.normalize(features, dim=1), self.text)
+        cosine = Segmenter._label_logits(features, self.text, self.owner, self.num_labels)
         return cosine * self.log_scale.exp()
 
 
@@ -108,10 +134,17 @@ class StudentNet(nn.Module):
     """``forward(pixels, clip_features) -> logits [B, C, h, w]``.
 
     ``pixels`` are ``[B, 3, H, W]`` RGB in 0..1 (ResNet backbones); ``clip_features``
-    are MaskCLIP dense features ``[B, D, h, w]`` (the CLIP backbone).
+    are MaskCLIP dense features ``[B, D, h, w]`` (the CLIP backbone). ``text`` and
+    ``owner`` are the per-synonym embeddings and their labels (see :class:`TextClassifier`).
     """
 
-    def __init__(self, config: StudentConfig, text: torch.Tensor, pretrained_backbone: bool = True) -> None:
+    def __init__(
+        self,
+        config: StudentConfig,
+        text: torch.Tensor,
+        pretrained_backbone: bool = True,
+        owner: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         dim = text.shape[1]
@@ -123,7 +156,7 @@ class StudentNet(nn.Module):
             self.head = DeepLabV2ASPP(2048, dim, config.resolved_dilations)
             self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1))
-        self.classifier = TextClassifier(text, config.initial_scale)
+        self.classifier = TextClassifier(text, config.initial_scale, owner)
 
     @property
     def needs_clip_features(self) -> bool:
@@ -140,16 +173,31 @@ class StudentNet(nn.Module):
 
 
 def _resnet(config: StudentConfig, pretrained: bool) -> nn.Module:
+    """Conv1 to layer4 at output stride 8 (layers 3 and 4 dilated), BatchNorm frozen.
+
+    DeepLabv2 keeps ImageNet's BatchNorm statistics and affine fixed: the batches
+    that fit (4 crops) are far too small to estimate statistics from.
+    """
     build = {"resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101}[config.backbone]
-    net = build(weights=None, replace_stride_with_dilation=[False, True, True])
+    net = build(weights=None, replace_stride_with_dilation=[False, True, True], norm_layer=FrozenBatchNorm2d)
     state = _imagenet_weights(config) if pretrained else None
     if state is not None:
-        net.load_state_dict(state)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        # The ImageNet classifier (fc) is dropped below, so a file without it is fine.
+        wrong = [k for k in missing + unexpected if not k.startswith("fc.")]
+        if wrong:
+            raise WeightsUnavailableError(
+                f"backbone weights for {config.backbone} do not fit: missing or unexpected {wrong[:5]}"
+                f"{' ...' if len(wrong) > 5 else ''}. Pass a torchvision {config.backbone} state dict."
+            )
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
 
 
 def _imagenet_weights(config: StudentConfig) -> dict[str, torch.Tensor] | None:
-    """ImageNet weights from a given file or torchvision's local cache; never downloaded here."""
+    """ImageNet weights: a given file, or torchvision's ``IMAGENET1K_V1`` (its cache, else downloaded)."""
+    if config.backbone_weights == RANDOM_WEIGHTS:
+        log.warning("the %s backbone starts from random weights: it needs far more data.", config.backbone)
+        return None
     if config.backbone_weights:
         path = Path(config.backbone_weights)
         if not path.is_file():
@@ -158,21 +206,26 @@ def _imagenet_weights(config: StudentConfig) -> dict[str, torch.Tensor] | None:
     enum = {"resnet50": torchvision.models.ResNet50_Weights, "resnet101": torchvision.models.ResNet101_Weights}
     weights = enum[config.backbone].IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-    if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True)
-    log.warning(
-        "ImageNet weights for %s are not on this machine (looked for %s); the backbone starts from random "
-        "weights and needs far more data. Put the file there (from %s) or pass backbone_weights.",
-        config.backbone,
-        cached,
-        weights.url,
-    )
-    return None
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # no network, a proxy, a truncated download: all end the same way
+        raise WeightsUnavailableError(
+            f"ImageNet weights for the {config.backbone} student are not on this machine and could not be "
+            f"downloaded ({exc.__class__.__name__}: {exc}). Copy {weights.url} to {cached}, or point "
+            f"MASKCLIP_STUDENT_BACKBONE_WEIGHTS (StudentConfig.backbone_weights) at a local copy; "
+            f"'{RANDOM_WEIGHTS}' starts from random weights instead."
+        ) from exc
 
 
 @dataclass
 class StudentCheckpoint:
-    """A student and everything needed to use and judge it."""
+    """A student and everything needed to use and judge it.
+
+    ``options`` are the teacher's segmentation options the student was trained
+    under (the worker's): its dense mode decides the CLIP features a ``clip``
+    student reads, at training and when served; the rest (refinements,
+    thresholds, logit scale) record how its pseudo-labels were made.
+    """
 
     net: StudentNet
     labels: list[str]
@@ -180,6 +233,11 @@ class StudentCheckpoint:
     teacher: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    options: SegmentOptions = field(default_factory=SegmentOptions)
+
+    @property
+    def dense_mode(self) -> str:
+        return self.options.dense_mode
 
     def save(self, path: Path) -> None:
         """Write atomically: a reader (or a crash) never sees a half-written file."""
@@ -191,6 +249,8 @@ class StudentCheckpoint:
             "labels": list(self.labels),
             "prompts": [list(p) for p in self.prompts],
             "text_embeddings": self.net.classifier.text.detach().cpu(),
+            "text_owner": self.net.classifier.owner.detach().cpu(),
+            "options": self.options.to_dict(),
             "teacher": dict(self.teacher),
             "metrics": dict(self.metrics),
             "info": dict(self.info),
@@ -206,13 +266,31 @@ class StudentCheckpoint:
             raise WeightsUnavailableError(f"student checkpoint {path} does not exist.") from None
         except Exception as exc:
             raise WeightsUnavailableError(f"student checkpoint {path} could not be read: {exc}") from exc
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
             raise WeightsUnavailableError(f"{path} is not a MaskCLIP student checkpoint ({CHECKPOINT_FORMAT}).")
         config_fields = dict(payload["config"])
         config_fields["dilations"] = tuple(config_fields.get("dilations", ()))
         config = StudentConfig(**{**config_fields, "backbone_weights": None})
         # The trained weights replace any ImageNet initialisation, so none is looked up.
-        net = StudentNet(config, payload["text_embeddings"], pretrained_backbone=False)
+        net = StudentNet(config, payload["text_embeddings"], pretrained_backbone=False, owner=payload.get("text_owner"))
         net.load_state_dict(payload["state_dict"])
         net.to(device).eval().requires_grad_(False)
-        return cls(net, payload["labels"], payload["prompts"], payload["teacher"], payload["metrics"], payload["info"])
+        info = payload["info"]
+        options = _recorded_options(path, payload.get("options"), info)
+        return cls(net, payload["labels"], payload["prompts"], payload["teacher"], payload["metrics"], info, options)
+
+
+def _recorded_options(path: Path, recorded: dict[str, Any] | None, info: dict[str, Any]) -> SegmentOptions:
+    """The options a checkpoint was trained under; defaults (dense mode ``maskclip``) for older ones."""
+    if recorded is None:
+        mode = str(info.get("dense_mode", "maskclip"))
+        log.info("student %s predates recorded training options: served with dense_mode %r", path, mode)
+        recorded = {"dense_mode": mode}
+    known = {f.name for f in dataclasses.fields(SegmentOptions)}
+    dropped = sorted(set(recorded) - known)
+    if dropped:  # written by a version with options this one does not have
+        log.warning("student %s records options this version does not know, ignored: %s", path, dropped)
+    try:
+        return SegmentOptions(**{k: v for k, v in recorded.items() if k in known})
+    except (InvalidOptionError, TypeError) as exc:
+        raise WeightsUnavailableError(f"student checkpoint {path} records invalid options: {exc}") from exc

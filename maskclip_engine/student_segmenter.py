@@ -19,7 +19,10 @@ from .student import StudentCheckpoint, StudentNet
 class StudentSegmenter:
     """A student over the shared CLIP model: ``segment(image) -> SegmentationResult`` for its own labels.
 
-    Thread-safe: the student is frozen and in eval mode.
+    A ``clip`` student reads the CLIP features of the dense mode it was trained
+    under (its checkpoint's options), whatever the segmenter's own mode; image
+    sizes follow the segmenter, as for MaskCLIP. Thread-safe: the student is
+    frozen and in eval mode.
     """
 
     def __init__(self, segmenter: Segmenter, checkpoint: StudentCheckpoint) -> None:
@@ -29,7 +32,7 @@ class StudentSegmenter:
 
     @property
     def dense_mode(self) -> str:
-        return str(self.checkpoint.info.get("dense_mode", "maskclip"))
+        return self.checkpoint.dense_mode
 
     @property
     def labels(self) -> list[str]:

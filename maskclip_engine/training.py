@@ -137,7 +137,11 @@ def train_student(
     teacher: Teacher | None = None,
     progress: ProgressCallback | None = None,
 ) -> StudentNet:
-    """Train a student for ``labels`` on ``images``; ``progress`` hears about every step."""
+    """Train a student for ``labels`` on ``images``; ``progress`` hears about every step.
+
+    The student learns under ``segmenter.options`` (dense mode, refinements,
+    background threshold of the teacher): record them in its checkpoint.
+    """
     if not images:
         raise InvalidOptionError("training needs at least one image.")
     config = config or TrainConfig()
@@ -146,7 +150,9 @@ def train_student(
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
     teacher = teacher or MaskClipTeacher(segmenter, labels)
-    net = StudentNet(student, segmenter.text_embeddings(labels)).to(device)
+    # One row per synonym: the student scores a label by its best synonym, as the teacher does.
+    text = segmenter.text.embed(labels.prompts)
+    net = StudentNet(student, text, owner=torch.tensor(labels.owner)).to(device)
     optimizer = torch.optim.SGD(
         [p for p in net.parameters() if p.requires_grad],
         lr=config.lr,
@@ -202,7 +208,8 @@ def train_student(
 def _clip_features(segmenter: Segmenter, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen CLIP dense features and keys of a 0..1 batch, usable as inputs to a trained network."""
     normalized = ((pixels - segmenter._mean) / segmenter._std).to(segmenter.clip.dtype)
-    features, keys = dense_features(segmenter.clip.visual, normalized, segmenter.options.dense_mode)
+    with segmenter.clip.autocast():  # as when serving: the CLIP backbone in its precision, the student in float32
+        features, keys = dense_features(segmenter.clip.visual, normalized, segmenter.options.dense_mode)
     return features.float(), keys.float()
 
 

@@ -42,14 +42,18 @@ def student_miou(segmenter: Segmenter, net: StudentNet, images: list[TrainingIma
 
 
 def test_student_starts_as_maskclip(segmenter: Segmenter) -> None:
-    """The text-embedding classifier and zero-initialised residual decoder make step 0 MaskCLIP itself."""
-    net = StudentNet(StudentConfig(), segmenter.text_embeddings(LABELS)).eval()
+    """The text-embedding classifier and zero-initialised residual decoder make step 0 MaskCLIP itself,
+    synonyms included: both score a label by its best synonym."""
+    labels = LabelSet.parse(["ground", ["red disc", "crimson disc", "scarlet circle"], "blue box"])
+    text = segmenter.text.embed(labels.prompts)
+    owner = torch.tensor(labels.owner)
+    net = StudentNet(StudentConfig(), text, owner=owner).eval()
     pixels = segmenter.normalize(make_scene(7)[0], (128, 160))[None]
     features = segmenter.dense_features_torch(pixels)
-    text = segmenter.text_embeddings(LABELS)
-    maskclip = Segmenter._label_logits(features, text, torch.arange(len(CLASSES)), len(CLASSES))
+    maskclip = Segmenter._label_logits(features, text, owner, len(labels))
     with torch.no_grad():
         student = net(clip_features=features)
+    assert student.shape[1] == len(labels) == 3
     torch.testing.assert_close(student, maskclip * net.classifier.log_scale.exp(), rtol=1e-4, atol=1e-4)
     assert torch.equal(student.argmax(1), maskclip.argmax(1))
 
@@ -100,7 +104,8 @@ def test_human_labels_override_pseudo_labels(segmenter: Segmenter) -> None:
 
 @pytest.mark.parametrize("backbone", ["clip", "resnet50"])
 def test_checkpoint_round_trip(segmenter: Segmenter, tmp_path: Path, backbone: str) -> None:
-    net = StudentNet(StudentConfig(backbone=backbone), segmenter.text_embeddings(LABELS))
+    weights = "random" if backbone != "clip" else None  # no test may download ImageNet weights
+    net = StudentNet(StudentConfig(backbone=backbone, backbone_weights=weights), segmenter.text_embeddings(LABELS))
     with torch.no_grad():
         for param in net.head.parameters():
             param.normal_(0, 0.01)
