@@ -16,10 +16,12 @@ from redis.exceptions import RedisError
 
 from ls_integration.errors import BackendError, BadRequestError, QueueUnavailableError, TooManyTasksError
 from ls_integration.host_pin import HostPin
+from ls_integration.interactive import context_regions
 from ls_integration.label_config import SchemaCache
-from ls_integration.metrics import Metrics
+from ls_integration.metrics import CONTENT_TYPE, Metrics
+from ls_integration.preannotation import publish_metrics, start_run
 from ls_integration.predictor import Predictor, ProjectLink
-from ls_integration.queue import connect, count_annotation, enqueue_training
+from ls_integration.queue import LOST_AFTER_S, connect, count_annotation, enqueue_training
 from ls_integration.settings import Settings
 from maskclip_engine import MaskClipError
 
@@ -142,7 +144,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             raise BadRequestError("the body needs 'label_config' (the project's labeling config XML).")
         params = body.get("params") if isinstance(body.get("params"), dict) else {}
         requested = body.get("model_version") or params.get("model_version")
-        results = predictor.predict(tasks, schemas.get(config), project, requested=requested)
+        if context_regions(params.get("context")) is not None:  # a smart tool: Label Studio's interactive call
+            results = predictor.predict_context(tasks, schemas.get(config), params["context"], project, requested)
+        else:
+            results = predictor.predict(tasks, schemas.get(config), project, requested=requested)
         # A task whose image failed has [] (no prediction): Label Studio asks for it again next time.
         served = next((r["model_version"] for r in results if r), None) or predictor.project_version(project, None)
         return jsonify({"results": results, "model_version": served})
@@ -151,6 +156,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     def webhook():
         body = _json_body()
         action = body.get("action")
+        if action == "TASKS_CREATED":
+            return jsonify(queue.preannotate_new_tasks(body)), 200
         if action not in TRAINING_EVENTS:
             return jsonify({"status": "ignored", "action": action}), 200
         project = body.get("project")
@@ -176,7 +183,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     @app.get("/metrics")
     def prometheus():
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4")
+        queue.publish_preannotation(metrics)
+        return Response(metrics.render(), mimetype=CONTENT_TYPE)
 
     return app
 
@@ -219,6 +227,46 @@ class TrainingQueue:
         except RedisError as exc:
             raise QueueUnavailableError(f"the training queue is unreachable: {exc}") from exc
         return {"status": "queued" if created else "coalesced", "job": job_id, "job_id": job_id}
+
+    def preannotate_new_tasks(self, body: dict[str, Any]) -> dict[str, Any]:
+        """TASKS_CREATED: queue pre-annotation of the imported tasks (and answer at once)."""
+        if not self.settings.preannotate_on_import:
+            return {"status": "ignored", "action": "TASKS_CREATED", "reason": "MASKCLIP_PREANNOTATE_ON_IMPORT is off"}
+        project = body.get("project")
+        project_id = _project_id(project.get("id") if isinstance(project, dict) else project)
+        tasks = body.get("tasks") if isinstance(body.get("tasks"), list) else []
+        ids = [t.get("id") if isinstance(t, dict) else t for t in tasks]
+        ids = [int(t) for t in ids if isinstance(t, int) or (isinstance(t, str) and t.isdigit())]
+        if not ids:
+            return {"status": "ignored", "action": "TASKS_CREATED", "reason": "no task ids in the payload"}
+        try:
+            run, status = start_run(
+                self.connection(),
+                int(project_id),
+                task_ids=ids,
+                trigger="tasks_created",
+                queue_name=self.settings.queue_name,
+                label_studio=self._label_studio(project_id),
+                lost_after_s=LOST_AFTER_S,
+            )
+        except RedisError as exc:
+            raise QueueUnavailableError(f"the pre-annotation queue is unreachable: {exc}") from exc
+        return {"status": status, "run": run, "tasks": len(ids)}
+
+    def _label_studio(self, project: str) -> dict[str, str] | None:
+        link = self.predictor.project_link(project)
+        if self.settings.label_studio_url or link is None or not link.hostname:
+            return None
+        return {"url": link.hostname, "token": link.access_token or ""}
+
+    def publish_preannotation(self, metrics: Metrics) -> None:
+        """Pre-annotation progress into ``/metrics`` (a missing or unreachable queue just leaves it out)."""
+        if not self.settings.redis_url:
+            return
+        try:
+            publish_metrics(self.connection(), metrics)
+        except RedisError as exc:
+            log.warning("pre-annotation progress is missing from /metrics: %s", exc)
 
     def count_annotation(self, project: str) -> bool:
         if self.settings.train_every <= 0 or not str(project).isdigit():

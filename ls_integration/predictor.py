@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from maskclip_engine.student_segmenter import StudentSegmenter
 
 from .errors import ImageFetchError
 from .fetching import ImageFetcher
+from .inference import device_lock, set_torch_threads
+from .interactive import InteractiveAnnotator, context_regions, parse_gestures
 from .label_config import LabelControl, ProjectSchema
 from .label_studio import LabelStudioAuth
 from .metrics import Metrics
@@ -80,6 +83,9 @@ class Predictor:
         self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.fetch_threads, thread_name_prefix="fetch")
+        set_torch_threads(settings.torch_threads)
+        self._device_lock = device_lock(segmenter.clip.device)
+        self.interactive = InteractiveAnnotator(segmenter, settings.feature_cache_mb, self._device_lock)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Predictor:
@@ -131,6 +137,8 @@ class Predictor:
         info = student.checkpoint.info
         if student.labels != list(control.labels) or info.get("from_name", control.from_name) != control.from_name:
             return None  # the labels changed since it was trained: MaskCLIP serves until a new student exists
+        if student.checkpoint.prompts != [list(p) for p in control.prompts]:
+            return None  # so did the synonyms, which its classifier embeds: the same rule applies
         return version.name, student
 
     def _load_student(self, version: StudentVersion) -> StudentSegmenter:
@@ -169,13 +177,68 @@ class Predictor:
         return [base, *students]
 
     # ------------------------------------------------------------ predict
+    def predict_context(
+        self,
+        tasks: list[Any],
+        schema: ProjectSchema,
+        context: Any,
+        project: str | None = None,
+        requested: str | None = None,
+    ) -> list[dict]:
+        """Interactive pre-annotation: one prediction for the first task from the regions in ``context``.
+
+        No usable prompt (an empty context) gets one prediction without regions.
+        """
+        gestures = parse_gestures(context_regions(context) or [], schema)
+        if not tasks:
+            return []
+        task = tasks[0]
+        if gestures is None or not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            return [{"result": [], "score": 0.0, "model_version": self.project_version(project, schema)}]
+        control = schema.output_for(gestures.to_name)
+        served = self.student_for(project, control, requested)
+        version, student = served if served is not None else (self.version, None)
+        fetcher = self.fetcher_for(project)
+        started = time.perf_counter()
+        answer = self.interactive.answer(
+            gestures, control, lambda key: fetcher.fetch(task["data"].get(key), task.get("id")), version, student
+        )
+        self.metrics.observe("maskclip_interactive_seconds", time.perf_counter() - started)
+        return [answer]
+
     def predict(
         self, tasks: list[Any], schema: ProjectSchema, project: str | None = None, requested: str | None = None
-    ) -> list[dict]:
-        """One prediction per task, in task order; a task that fails gets an empty result."""
+    ) -> list[dict | list]:
+        """One entry per task, in task order: a prediction, or ``[]`` for a task whose image failed.
+
+        Label Studio 1.23 stores every prediction listed for a task; an empty
+        list stores none, so that task still lacks the current version and the
+        next *Retrieve Predictions* asks for it again while its neighbours keep
+        theirs.
+        """
+        return [p if p is not None else [] for p in self.predict_tasks(tasks, schema, project, requested)]
+
+    def predict_tasks(
+        self,
+        tasks: list[Any],
+        schema: ProjectSchema,
+        project: str | None = None,
+        requested: str | None = None,
+        fetcher: ImageFetcher | None = None,
+    ) -> Iterator[dict | None]:
+        """Predictions in task order, None for a task that failed; shared by ``/predict`` and the workers.
+
+        Tasks go through ``predict_batch`` at a time (fetch, segment, encode,
+        drop), so memory follows the batch size, not the number of tasks.
+        """
         started = time.perf_counter()
-        fetcher = self.fetcher_for(project)
-        data_keys = schema.data_keys
+        fetcher = fetcher or self.fetcher_for(project)
+        step = max(1, self.settings.predict_batch)
+        for first in range(0, len(tasks), step):
+            yield from self._predict_batch(tasks[first : first + step], schema, project, requested, fetcher)
+        self.metrics.observe("maskclip_predict_seconds", time.perf_counter() - started)
+
+    def _fetch(self, tasks: list[Any], data_keys: list[str], fetcher: ImageFetcher):
         images: dict[tuple[int, str], np.ndarray] = {}
         failures: dict[int, str] = {}
         jobs = {}
@@ -196,7 +259,17 @@ class Predictor:
         for index, reason in failures.items():
             log.warning("task %s gets no prediction: %s", _task_id(tasks[index]), reason)
             self.metrics.count("maskclip_task_failures_total", reason=_reason_kind(reason))
+        return images, failures
 
+    def _predict_batch(
+        self,
+        tasks: list[Any],
+        schema: ProjectSchema,
+        project: str | None,
+        requested: str | None,
+        fetcher: ImageFetcher,
+    ) -> list[dict | None]:
+        images, failures = self._fetch(tasks, list(schema.data_keys), fetcher)
         regions: dict[int, list[dict]] = {i: [] for i in range(len(tasks)) if i not in failures}
         scores: dict[int, list[float]] = {i: [] for i in regions}
         version = self.version
@@ -204,27 +277,35 @@ class Predictor:
             order = [i for i in regions if (i, control.data_key) in images]
             if not order:
                 continue
-            batch = [images[(i, control.data_key)] for i in order]
+            batch = [images.pop((i, control.data_key)) for i in order]
             served = self.student_for(project, control, requested)
-            if served is not None:
-                version, student = served
-                results = student.segment_batch(batch, bg_threshold=self.options.bg_threshold)
-            else:
-                labelset = LabelSet.parse([list(p) for p in control.prompts])
-                results = self.segmenter.segment_batch(batch, labelset)
+            waited = time.perf_counter()
+            with self._device_lock:  # one model call per device at a time: see ls_integration/inference.py
+                self.metrics.observe("maskclip_inference_wait_seconds", time.perf_counter() - waited)
+                if self.interactive.cache.enabled:  # the same forward pass keeps each image's state for clicks
+                    version, student = served if served is not None else (version, None)
+                    results = self.interactive.segment(batch, control, version, student, self.options.bg_threshold)
+                elif served is not None:
+                    version, student = served
+                    results = student.segment_batch(batch, bg_threshold=self.options.bg_threshold)
+                else:
+                    labelset = LabelSet.parse([list(p) for p in control.prompts])
+                    results = self.segmenter.segment_batch(batch, labelset)
+            del batch
             for index, result in zip(order, results):
                 found = _regions(control, result)
                 regions[index] += [region for region, _ in found]
                 scores[index] += [score for _, score in found]
-
-        self.metrics.observe("maskclip_predict_seconds", time.perf_counter() - started)
         self.metrics.count("maskclip_tasks_predicted_total", value=len(regions))
-        out = []
+        out: list[dict | None] = []
         for index in range(len(tasks)):
-            task_scores = scores.get(index, [])
+            if index not in regions:
+                out.append(None)
+                continue
+            task_scores = scores[index]
             out.append(
                 {
-                    "result": regions.get(index, []),
+                    "result": regions[index],
                     "score": round(float(np.mean(task_scores)), 4) if task_scores else 0.0,
                     "model_version": version,
                 }

@@ -23,6 +23,7 @@ from maskclip_engine.evaluation import EvalConfig, Sample, config_predictor, eva
 from maskclip_engine.registry import ModelRegistry
 
 from .context import shared_segmenter
+from .predict_cli import runs_table
 
 
 def _settings() -> Settings:
@@ -102,6 +103,8 @@ def jobs(redis_url: str, limit: int) -> None:
     for job in recent_jobs(connect(redis_url), settings.queue_name, limit):
         meta = job.meta
         progress = f"{meta.get('step', 0)}/{meta['iterations']}" if meta.get("iterations") else ""
+        if "total" in meta:  # a pre-annotation job: tasks done of its run
+            progress = f"{meta.get('done', 0)}/{meta['total']} tasks, {meta.get('failed', 0)} failed"
         outcome = ""
         if job.get_status() == JobStatus.FINISHED and isinstance(job.return_value(), dict):
             outcome = job.return_value().get("reason", "")
@@ -119,6 +122,9 @@ def jobs(redis_url: str, limit: int) -> None:
                 outcome,
             )
         )
+    for line in runs_table(connect(redis_url)) or ["no pre-annotation runs"]:
+        click.echo(line)
+    click.echo("")
     if not rows:
         click.echo("no training jobs")
         return

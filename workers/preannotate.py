@@ -1,0 +1,316 @@
+"""Pre-annotation jobs: write a model's proposals into a whole project through Label Studio's bulk import.
+
+``plan_run`` lists the tasks a run has to consider and cuts them into chunks;
+``work_run`` jobs (as many as there are chunks, up to a cap) take chunks until
+none are left, on whichever workers are free. Run state lives in Redis
+(``ls_integration.preannotation``): a killed worker loses at most its chunk,
+which another worker takes over once its lease expires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from label_studio_sdk import LabelStudio
+from redis import Redis
+from rq import get_current_job
+
+from ls_integration import preannotation as runs
+from ls_integration.errors import BackendError
+from ls_integration.fetching import ImageFetcher
+from ls_integration.label_config import ProjectSchema, parse_label_config
+from ls_integration.label_studio import LabelStudioAuth
+from ls_integration.predictor import Predictor
+from ls_integration.queue import LOST_AFTER_S, connect
+from ls_integration.settings import Settings
+
+from .context import shared_segmenter
+
+log = logging.getLogger(__name__)
+
+MAX_WORK_JOBS = 32  # work jobs queued per planning round; each takes chunks until none are left
+_LIST_PAGE = 100
+
+_predictors: dict[int, Predictor] = {}
+_predictors_lock = threading.Lock()
+
+
+class PreannotationError(BackendError):
+    status = 400
+
+
+def _predictor(settings: Settings) -> Predictor:
+    """One Predictor per worker process around the shared model (its fetch pool and student cache are kept)."""
+    segmenter = shared_segmenter(settings)
+    with _predictors_lock:
+        predictor = _predictors.get(id(segmenter))
+        if predictor is None:
+            predictor = _predictors[id(segmenter)] = Predictor(segmenter, settings)
+        return predictor
+
+
+@dataclass
+class RunContext:
+    connection: Redis
+    project: int
+    run: str
+    settings: Settings
+    predictor: Predictor
+    client: LabelStudio
+    fetcher: ImageFetcher
+    schema: ProjectSchema
+
+
+def _context(project: int, run: str) -> RunContext:
+    settings = Settings.from_env()
+    job = get_current_job()
+    connection = job.connection if job is not None else connect(settings.redis_url or "")
+    state = runs.state(connection, run)
+    if not state:
+        raise PreannotationError(f"pre-annotation run {run} is unknown (expired or never queued).")
+    predictor = _predictor(settings)
+    link = predictor.project_link(str(project))
+    given = json.loads(state.get("label_studio") or "{}") if isinstance(state.get("label_studio"), str) else {}
+    url = settings.label_studio_url or (link.hostname if link else None) or given.get("url")
+    token = settings.label_studio_api_key or (link.access_token if link else None) or given.get("token")
+    if not url:
+        raise PreannotationError(
+            "the worker does not know where Label Studio is: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
+            "or connect the model to the project in Label Studio first."
+        )
+    auth = LabelStudioAuth(url, token)
+    client = LabelStudio(base_url=auth.url, api_key=token)
+    config = client.projects.get(id=project).label_config
+    schema = parse_label_config(config, settings.max_labels)
+    return RunContext(connection, project, run, settings, predictor, client, ImageFetcher(settings, auth), schema)
+
+
+def _update_job(state: dict[str, Any]) -> None:
+    job = get_current_job()
+    if job is not None:
+        job.meta.update(runs.progress_meta(state), heartbeat=time.time())
+        job.save_meta()
+
+
+# ------------------------------------------------------------------ planning
+def plan_run(project: int, run: str) -> dict[str, Any]:
+    """List what the run has to consider, skip what is done, and queue the chunks for the workers."""
+    ctx = _context(project, run)
+    key = runs.state_key(run)
+    state = runs.state(ctx.connection, run)
+    version = state.get("version")
+    if version == runs.CURRENT or not version:
+        version = ctx.predictor.project_version(str(project), ctx.schema)
+    elif version != ctx.predictor.version and ctx.predictor.registry.find(str(project), version) is None:
+        raise PreannotationError(f"version {version!r} is neither MaskCLIP's nor a student of project {project}.")
+    ctx.connection.hset(key, mapping={"version": version, "phase": "listing tasks", "heartbeat": time.time()})
+    while True:
+        scopes = [s.decode() for s in ctx.connection.lrange(key + ":extra", 0, -1)]
+        chunks = _plan_scopes(ctx, version, scopes)
+        ctx.connection.ltrim(key + ":extra", len(scopes), -1)
+        ctx.connection.hset(key, mapping={"planning": 0, "phase": "predicting", "heartbeat": time.time()})
+        waiting = ctx.connection.llen(key + ":todo") + ctx.connection.hlen(key + ":leases")
+        for _ in range(min(max(chunks, 1 if waiting else 0), MAX_WORK_JOBS)):
+            runs.enqueue_job(ctx.connection, "work_run", project, run, ctx.settings.queue_name)
+        outcome = runs.try_finish(ctx.connection, run, project, state.get("version_key", runs.CURRENT))
+        if outcome == "done":
+            _finished(ctx)
+        if outcome != "plan":
+            break
+    state = runs.state(ctx.connection, run)
+    _update_job(state)
+    log.info("project %s: run %s planned %s tasks for %s", project, run, state.get("total"), version)
+    return runs.progress_meta(state)
+
+
+def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
+    """Turn trigger scopes into chunks of tasks; returns how many chunks were queued."""
+    key = runs.state_key(ctx.run)
+    whole = runs.WHOLE_PROJECT in scopes
+    wanted: set[int] = set()
+    for scope in scopes:
+        if scope != runs.WHOLE_PROJECT:
+            wanted.update(int(t) for t in json.loads(scope))
+    skip_annotated = ctx.settings.preannotate_skip_annotated
+    chunk: list[dict] = []
+    made = considered = skipped = 0
+
+    def flush() -> None:
+        nonlocal made, chunk
+        if not chunk:
+            return
+        number = int(ctx.connection.hincrby(key, "chunks", 1))
+        with ctx.connection.pipeline() as pipe:
+            pipe.hset(key + ":chunks", number, json.dumps(chunk))
+            pipe.sadd(key + ":planned", *[t["id"] for t in chunk])
+            pipe.rpush(key + ":todo", number)
+            pipe.hset(key, "heartbeat", time.time())
+            pipe.execute()
+        made += 1
+        chunk = []
+
+    for task in _tasks(ctx, None if whole else sorted(wanted)):
+        if ctx.connection.sismember(key + ":planned", task["id"]):
+            continue
+        considered += 1
+        if version in task["versions"] or (skip_annotated and task["annotated"]):
+            skipped += 1
+            continue
+        chunk.append({"id": task["id"], "data": task["data"]})
+        if len(chunk) >= ctx.settings.preannotate_chunk:
+            flush()
+    flush()
+    with ctx.connection.pipeline() as pipe:
+        pipe.hincrby(key, "total", considered)
+        pipe.hincrby(key, "done", skipped)
+        pipe.hincrby(key, "skipped", skipped)
+        pipe.execute()
+    return made
+
+
+def _tasks(ctx: RunContext, ids: list[int] | None):
+    """``{"id", "data", "versions", "annotated"}`` for the project's tasks (or just ``ids``), page by page."""
+    pager = ctx.client.tasks.list(project=ctx.project, fields="all", page_size=_LIST_PAGE)
+    wanted = set(ids) if ids is not None else None
+    seen = 0
+    for task in pager:
+        if wanted is not None and task.id not in wanted:
+            continue
+        seen += 1
+        if seen % _LIST_PAGE == 0:
+            ctx.connection.hset(runs.state_key(ctx.run), "heartbeat", time.time())
+        versions = {_field(p, "model_version") for p in task.predictions or []}
+        yield {
+            "id": task.id,
+            "data": task.data,
+            "versions": versions,
+            "annotated": bool(task.total_annotations),
+        }
+
+
+def _field(item: Any, name: str) -> Any:
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
+
+
+# ------------------------------------------------------------------ working
+def work_run(project: int, run: str) -> dict[str, Any]:
+    """Take chunks of the run until none are left; predict, check, import each one."""
+    ctx = _context(project, run)
+    job = get_current_job()
+    owner = job.id if job is not None else f"local-{uuid.uuid4().hex[:8]}"
+    lease_s = ctx.settings.preannotate_lease_s
+    key = runs.state_key(run)
+    waited_since = None
+    while True:
+        chunk = runs.claim(ctx.connection, run, owner, lease_s)
+        if chunk is None:
+            # Nothing to take; a chunk leased by another worker may still come back if that worker died.
+            if ctx.connection.hlen(key + ":leases") == 0:
+                break
+            waited_since = waited_since or time.monotonic()
+            if time.monotonic() - waited_since > lease_s + 5:
+                break
+            time.sleep(min(1.0, lease_s / 4))
+            continue
+        waited_since = None
+        _work_chunk(ctx, chunk, owner)
+        _update_job(runs.state(ctx.connection, run))
+    state = runs.state(ctx.connection, run)
+    outcome = runs.try_finish(ctx.connection, run, project, state.get("version_key", runs.CURRENT))
+    if outcome == "plan":
+        runs.enqueue_job(ctx.connection, "plan_run", project, run, ctx.settings.queue_name)
+    elif outcome == "done":
+        _finished(ctx)
+    state = runs.state(ctx.connection, run)
+    _update_job(state)
+    return runs.progress_meta(state)
+
+
+def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
+    key = runs.state_key(ctx.run)
+    lease_s = ctx.settings.preannotate_lease_s
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(max(lease_s / 4, 0.5)):
+            runs.renew(ctx.connection, ctx.run, chunk, owner, lease_s)
+            ctx.connection.hset(key, "heartbeat", time.time())
+
+    threading.Thread(target=beat, name="chunk-lease", daemon=True).start()
+    try:
+        tasks = json.loads(ctx.connection.hget(key + ":chunks", chunk) or b"[]")
+        version = runs.state(ctx.connection, ctx.run)["version"]
+        predictions = list(
+            ctx.predictor.predict_tasks(tasks, ctx.schema, str(ctx.project), requested=version, fetcher=ctx.fetcher)
+        )
+        failed = [t["id"] for t, p in zip(tasks, predictions) if p is None]
+        ready = {t["id"]: p for t, p in zip(tasks, predictions) if p is not None}
+        for task_id, prediction in ready.items():
+            if prediction["model_version"] != version:
+                log.warning("task %s: predicted by %s, not %s", task_id, prediction["model_version"], version)
+        # Checked right before the import: another worker (or run) may have written the version meanwhile.
+        done_already = {t for t in ready if version in _versions(ctx.client, t)}
+        entries = [
+            {"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
+            for t, p in ready.items()
+            if t not in done_already
+        ]
+        if not runs.renew(ctx.connection, ctx.run, chunk, owner, lease_s):
+            log.warning("run %s: chunk %s was taken over by another worker; dropping this attempt", ctx.run, chunk)
+            return
+        if entries:
+            ctx.client.projects.import_predictions(id=ctx.project, request=entries)
+        if failed:
+            log.warning("run %s: tasks %s got no prediction (image failed); a later run retries them", ctx.run, failed)
+        with ctx.connection.pipeline() as pipe:
+            pipe.hincrby(key, "done", len(tasks))
+            pipe.hincrby(key, "predicted", len(entries))
+            pipe.hincrby(key, "failed", len(failed))
+            pipe.hincrby(key, "skipped", len(done_already))
+            pipe.hset(key, "heartbeat", time.time())
+            pipe.execute()
+    finally:
+        stop.set()
+    runs.renew(ctx.connection, ctx.run, chunk, owner, None)
+
+
+def _versions(client: LabelStudio, task_id: int) -> set[str]:
+    return {_field(p, "model_version") for p in client.predictions.list(task=task_id)}
+
+
+def _finished(ctx: RunContext) -> None:
+    state = runs.state(ctx.connection, ctx.run)
+    if state.get("set_project_version"):
+        # Label Studio shows annotators the predictions whose model_version equals the project's.
+        ctx.client.projects.update(id=ctx.project, model_version=state["version"])
+    log.info("project %s: pre-annotation run %s done: %s", ctx.project, ctx.run, runs.progress_meta(state))
+
+
+# ------------------------------------------------------------------ triggers
+def queue_after_promotion(project: int, version: str, label_studio: dict[str, str] | None = None) -> str | None:
+    """Called by a training job that promoted ``version``: write its proposals everywhere; never raises."""
+    try:
+        settings = Settings.from_env()
+        job = get_current_job()
+        connection = job.connection if job is not None else connect(settings.redis_url or "")
+        run, status = runs.start_run(
+            connection,
+            project,
+            version=version,
+            trigger="promotion",
+            set_project_version=True,
+            queue_name=settings.queue_name,
+            label_studio=label_studio,
+            lost_after_s=LOST_AFTER_S,
+        )
+        log.info("project %s: %s pre-annotation run %s for %s", project, status, run, version)
+        return run
+    except Exception:  # the promotion stands even if its proposals cannot be queued now
+        log.exception("project %s: could not queue pre-annotation with %s", project, version)
+        return None
