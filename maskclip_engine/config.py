@@ -16,6 +16,8 @@ Mode = Literal["whole", "slide"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 MODES: tuple[str, ...] = ("whole", "slide")
 DENSE_MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip")
+KS_VARIANTS: tuple[str, ...] = ("cosine", "released")
+SLIDE_REFINES: tuple[str, ...] = ("whole", "window")
 
 
 def default_cache_dir() -> Path:
@@ -67,6 +69,16 @@ class SegmentOptions:
     whose top class probability is below it unlabeled (0 labels every pixel).
     ``logit_scale`` is the softmax temperature used for probabilities, prompt
     denoising and key smoothing (100 in MaskCLIP).
+
+    ``key_smoothing_variant`` ``cosine`` is the paper's per-location cosine
+    smoothing; ``released`` is what MaskCLIP's released code computes (keys
+    normalised per channel over locations, no renormalisation), applied where
+    the top probability is below ``ks_threshold``. ``slide_refine`` ``whole``
+    averages the windows' logits and keys and refines once; ``window`` refines
+    inside each window and averages the windows' outputs (mmseg's slide
+    inference). ``pamr`` refines the upsampled probabilities against the image's
+    colours for ``pamr_iterations`` steps, on a grid of ``pamr_stride`` pixels of
+    the resized image (see :mod:`maskclip_engine.pamr`).
     """
 
     mode: Mode = "whole"
@@ -81,6 +93,12 @@ class SegmentOptions:
     bg_threshold: float = 0.0
     logit_scale: float = 100.0
     batch_size: int = 8
+    key_smoothing_variant: str = "cosine"
+    ks_threshold: float = 1.0
+    slide_refine: str = "whole"
+    pamr: bool = False
+    pamr_iterations: int = 10
+    pamr_stride: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,7 +107,15 @@ class SegmentOptions:
             raise InvalidOptionError(
                 f"dense_mode {self.dense_mode!r} is not supported; use one of {', '.join(DENSE_MODES)}."
             )
-        for name in ("short_side", "max_long_side", "crop", "stride", "batch_size"):
+        if self.key_smoothing_variant not in KS_VARIANTS:
+            raise InvalidOptionError(
+                f"key_smoothing_variant {self.key_smoothing_variant!r} is not supported; use 'cosine' or 'released'."
+            )
+        if self.slide_refine not in SLIDE_REFINES:
+            raise InvalidOptionError(f"slide_refine {self.slide_refine!r} is not supported; use 'whole' or 'window'.")
+        if not isinstance(self.pamr, bool):
+            raise InvalidOptionError(f"pamr must be true or false, got {self.pamr!r}.")
+        for name in ("short_side", "max_long_side", "crop", "stride", "batch_size", "pamr_iterations", "pamr_stride"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidOptionError(f"{name} must be a positive integer, got {value!r}.")
@@ -97,7 +123,7 @@ class SegmentOptions:
             raise InvalidOptionError(
                 f"max_long_side ({self.max_long_side}) must be at least short_side ({self.short_side})."
             )
-        for name in ("pd_threshold", "bg_threshold"):
+        for name in ("pd_threshold", "bg_threshold", "ks_threshold"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise InvalidOptionError(f"{name} must be a probability between 0 and 1, got {value!r}.")

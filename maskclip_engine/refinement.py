@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +18,23 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class Refined:
-    """Class probabilities ``[C, h, w]`` after refinement and the classes PD kept ``[C]``."""
+    """Refinement of one image (or window) on its feature grid.
+
+    ``probs`` ``[C, h, w]`` are probabilities (each location sums to one over the
+    kept classes): confidence, the background threshold and scores read them.
+    ``scores`` ``[C, h, w]``, when set, are what labels are the argmax of and are
+    not probabilities (released key smoothing's raw ``W p``). ``kept`` ``[C]``
+    are the classes prompt denoising kept.
+    """
 
     probs: torch.Tensor
     kept: torch.Tensor
+    scores: torch.Tensor | None = None
+
+    @property
+    def label_scores(self) -> torch.Tensor:
+        """What the label is the argmax of: ``scores`` when set, else ``probs``."""
+        return self.probs if self.scores is None else self.scores
 
 
 def class_probabilities(logits: torch.Tensor, logit_scale: float, kept: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,27 +59,47 @@ def prompt_denoising(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     return kept
 
 
+def renormalised(scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Scores ``[C, ...]`` clipped at zero and scaled to sum to one over classes at each location.
+
+    The argmax is unchanged wherever some class scores above zero; a location
+    where none does (dissimilar neighbours outweigh everything) takes
+    ``fallback``'s values rather than an arbitrary answer.
+    """
+    positive = scores.clamp_min(0)
+    total = positive.sum(dim=0, keepdim=True)
+    return torch.where(total <= 1e-12, fallback, positive / total.clamp_min(1e-12))
+
+
 def key_smoothing(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``p'_i = sum_j cos(k_i, k_j) p_j`` over all locations, renormalised per location.
+    """The paper's KS: ``p'_i = sum_j cos(k_i, k_j) p_j`` over all locations, renormalised per location.
 
     ``probs`` is ``[C, h, w]``, ``keys`` ``[K, h, w]``. The weights are cosine
     similarities of per-location L2-normalised keys. The result is clipped at
-    zero and renormalised to sum to one per location: the argmax is that of
-    the plain weighted sum, and the values stay probabilities so the background
-    threshold keeps its meaning. A location where no class scores above zero
-    keeps its own probabilities.
+    zero and renormalised to sum to one per location (:func:`renormalised`):
+    the argmax is that of the plain weighted sum, and the values stay
+    probabilities so the background threshold keeps its meaning.
     """
-    num_classes = probs.shape[0]
-    flat_keys = F.normalize(keys.flatten(1).float(), dim=0)  # [K, N]
+    flat_keys = F.normalize(keys.flatten(1).float(), dim=0)  # [K, N]: each location's key has unit length
     weights = flat_keys.T @ flat_keys  # [N, N], symmetric
     flat = probs.flatten(1)
-    smoothed = (flat @ weights).clamp_min(0)  # [C, N]
-    total = smoothed.sum(dim=0, keepdim=True)
-    # Where dissimilar neighbours outweigh everything (no class above zero), the
-    # location keeps its own prediction rather than an arbitrary one.
-    degenerate = total <= 1e-12
-    smoothed = torch.where(degenerate, flat, smoothed / total.clamp_min(1e-12))
-    return smoothed.reshape(num_classes, *probs.shape[1:])
+    return renormalised(flat @ weights, flat).reshape(probs.shape)
+
+
+def key_smoothing_released(probs: torch.Tensor, keys: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """KS as MaskCLIP's released code computes it: raw ``W p`` scores, not probabilities.
+
+    Keys ``[K, h, w]`` are L2-normalised per channel over all locations (the
+    released code normalises ``[N, L, C]`` keys along dim 1, the locations),
+    ``W = k k^T`` over locations, and ``p'_i = sum_j W_ij p_j`` replaces ``p_i``
+    wherever the top probability is below ``threshold``; elsewhere ``p_i``
+    stays. No clipping, no renormalisation: only the argmax is meaningful.
+    """
+    flat_keys = F.normalize(keys.flatten(1).float(), dim=1)  # [K, N]: each channel has unit length over locations
+    weights = flat_keys.T @ flat_keys  # [N, N], symmetric, so p @ W is W p per class
+    flat = probs.flatten(1)
+    smoothed = torch.where(flat.amax(dim=0, keepdim=True) < threshold, flat @ weights, flat)
+    return smoothed.reshape(probs.shape)
 
 
 def refine(
@@ -76,14 +110,78 @@ def refine(
     prompt_denoise: bool,
     pd_threshold: float,
     key_smooth: bool,
+    variant: str = "cosine",
+    ks_threshold: float = 1.0,
 ) -> Refined:
-    """Logits ``[C, h, w]`` to refined probabilities: PD first, then KS (as in MaskCLIP)."""
+    """Logits ``[C, h, w]`` to refined probabilities: PD first, then KS (as in MaskCLIP).
+
+    PD reads ``softmax(logit_scale * logits)`` under every variant. With the
+    ``released`` KS variant, labels follow the raw smoothed scores and the
+    probabilities are those scores renormalised (:func:`renormalised`, falling
+    back to the pre-smoothing probabilities), so the background threshold
+    still compares a probability.
+    """
     probs = class_probabilities(logits, logit_scale)
     kept = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     if prompt_denoise:
         kept = prompt_denoising(probs, pd_threshold)
         if not bool(kept.all()):
             probs = class_probabilities(logits, logit_scale, kept)
-    if key_smooth and keys is not None:
-        probs = key_smoothing(probs, keys)
-    return Refined(probs=probs, kept=kept)
+    if not key_smooth or keys is None:
+        return Refined(probs=probs, kept=kept)
+    if variant == "released":
+        scores = key_smoothing_released(probs, keys, ks_threshold)
+        return Refined(probs=renormalised(scores, probs), kept=kept, scores=scores)
+    return Refined(probs=key_smoothing(probs, keys), kept=kept)
+
+
+# The value the released code gives a class prompt denoising removed: finite, so
+# windows can still be averaged, and far below any cosine similarity.
+REMOVED_LOGIT = -100.0
+
+
+def window_output(logits: torch.Tensor, refined: Refined, key_smoothed: bool) -> torch.Tensor:
+    """What one window contributes to the slide average, as the released head outputs it.
+
+    Raw ``W p`` under released KS, the smoothed probabilities under cosine KS,
+    and without KS the cosine logits with removed classes at ``REMOVED_LOGIT``.
+    """
+    if key_smoothed:
+        return refined.label_scores
+    return logits.masked_fill((~refined.kept).view(-1, *([1] * (logits.ndim - 1))), REMOVED_LOGIT)
+
+
+def average_windows(
+    windows: Sequence[tuple[tuple[int, int, int, int], Refined, torch.Tensor]], size: tuple[int, int]
+) -> Refined:
+    """Per-window refinements averaged over an image of ``size`` (h, w) pixels, as mmseg's slide inference does.
+
+    Each window is ``((top, left, height, width), refined, output)``: its output
+    (:func:`window_output`) and probabilities are upsampled bilinearly to the
+    window's pixels, summed and divided by how many windows cover each pixel.
+    Labels follow the averaged outputs; probabilities (confidence, background
+    threshold) are the averaged window probabilities. A class counts as kept if
+    any window kept it; rows are returned for kept classes only.
+    """
+    kept = torch.stack([refined.kept for _, refined, _ in windows]).any(dim=0)
+    index = torch.nonzero(kept).flatten()
+    shared = all(output is refined.probs for _, refined, output in windows)
+    device = windows[0][1].probs.device
+    outputs = torch.zeros((len(index), *size), device=device)
+    probs = outputs if shared else torch.zeros_like(outputs)
+    count = torch.zeros(size, device=device)
+    for (top, left, height, width), refined, output in windows:
+        cells = (slice(None), slice(top, top + height), slice(left, left + width))
+        outputs[cells] += _resize(output[index], (height, width))
+        if not shared:
+            probs[cells] += _resize(refined.probs[index], (height, width))
+        count[cells[1:]] += 1
+    count = count.clamp_min(1)
+    outputs /= count
+    if shared:
+        return Refined(probs=outputs, kept=kept)
+    return Refined(probs=probs / count, kept=kept, scores=outputs)
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]

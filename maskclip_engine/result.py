@@ -87,19 +87,32 @@ class SegmentationResult:
         }
 
 
-def upsample_argmax(probs: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear upsampling of ``[C, h, w]`` probabilities to ``shape``, reduced to argmax and max."""
+def upsample_argmax(
+    probs: torch.Tensor, shape: tuple[int, int], scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear upsampling of ``[C, h, w]`` probabilities to ``shape``, reduced to argmax and max.
+
+    With ``scores`` (same shape as ``probs``), the label is the argmax of the
+    upsampled scores and the confidence is the upsampled probability of that label.
+    """
     height, width = shape
-    best = torch.full(shape, -1.0, device=probs.device)
+    best = torch.full(shape, float("-inf"), device=probs.device)
+    confidence = best if scores is None else torch.zeros(shape, device=probs.device)
     label = torch.zeros(shape, dtype=torch.long, device=probs.device)
     step = max(1, _UPSAMPLE_BUDGET // (height * width))
     for start in range(0, probs.shape[0], step):
         up = F.interpolate(probs[None, start : start + step], size=shape, mode="bilinear", align_corners=False)[0]
-        value, index = up.max(dim=0)
+        ranked = up
+        if scores is not None:
+            ranked = F.interpolate(scores[None, start : start + step], size=shape, mode="bilinear", align_corners=False)
+            ranked = ranked[0]
+        value, index = ranked.max(dim=0)
         better = value > best
         best = torch.where(better, value, best)
         label = torch.where(better, index + start, label)
-    return label, best
+        if scores is not None:
+            confidence = torch.where(better, up.gather(0, index[None])[0], confidence)
+    return label, best if scores is None else confidence
 
 
 def result_from_probabilities(
@@ -108,12 +121,20 @@ def result_from_probabilities(
     names: list[str],
     kept: torch.Tensor | None = None,
     bg_threshold: float = 0.0,
+    scores: torch.Tensor | None = None,
 ) -> SegmentationResult:
-    """A result at ``shape`` from grid probabilities ``[C, h, w]``; classes not ``kept`` are reported dropped."""
+    """A result at ``shape`` from grid probabilities ``[C, h, w]``; classes not ``kept`` are reported dropped.
+
+    ``probs`` (and ``scores``, when labels follow scores other than the
+    probabilities) hold one row per label, or one row per kept label.
+    """
     if kept is None:
         kept = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
     kept_index = torch.nonzero(kept).flatten()
-    label_map, confidence = upsample_argmax(probs[kept_index], shape)
+    if probs.shape[0] != len(kept_index):
+        probs = probs[kept_index]
+        scores = None if scores is None else scores[kept_index]
+    label_map, confidence = upsample_argmax(probs, shape, scores)
     label_map = kept_index[label_map]
     label_map[confidence < bg_threshold] = -1
     num_labels = len(names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ from .errors import InvalidOptionError
 from .images import resized_shape, to_rgb_array, window_starts
 from .interactive import DenseState
 from .loading import LoadedClip, load_clip
+from .pamr import refine_against_image
 from .prompts import LabelInput, LabelSet
-from .refinement import refine
+from .refinement import Refined, average_windows, refine, window_output
 from .result import SegmentationResult, result_from_probabilities
 from .text import TextEmbedder
 
@@ -31,6 +32,9 @@ class _Canvas:
     logits: torch.Tensor  # [C, gh, gw]
     keys: torch.Tensor  # [K, gh, gw]
     count: torch.Tensor  # [gh, gw]
+    # slide_refine="window": each window's (top, left, height, width), refinement and output
+    windows: list[tuple[tuple[int, int, int, int], Refined, torch.Tensor]] = field(default_factory=list)
+    pixels: torch.Tensor | None = None  # the resized, normalised image [3, H, W], for PAMR
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,7 @@ class Segmenter:
     ) -> list[_Canvas]:
         """Run every window of every image through the model and accumulate label logits on each grid."""
         s = self.stride
+        per_window = opts.mode == "slide" and opts.slide_refine == "window"
         resized, canvases, groups = [], [], defaultdict(list)
         for index, rgb in enumerate(arrays):
             height, width = resized_shape(*rgb.shape[:2], opts.short_side, opts.max_long_side, s)
@@ -262,8 +267,14 @@ class Segmenter:
                             logits=logits.new_zeros((num_labels, *grid)),
                             keys=keys.new_zeros((keys.shape[1], *grid)),
                             count=logits.new_zeros(grid),
+                            pixels=resized[w.image] if opts.pamr else None,
                         )
                     canvas = canvases[w.image]
+                    if per_window:  # mmseg's slide inference: the whole head, PD and KS included, per window
+                        refined = self._refine(window_logits, window_keys, opts)
+                        output = window_output(window_logits, refined, opts.key_smoothing)
+                        canvas.windows.append(((w.top, w.left, w.height, w.width), refined, output))
+                        continue
                     rows = slice(w.top // s, (w.top + w.height) // s)
                     cols = slice(w.left // s, (w.left + w.width) // s)
                     canvas.logits[:, rows, cols] += window_logits
@@ -284,13 +295,27 @@ class Segmenter:
     def _finish(
         self, shape: tuple[int, int], canvas: _Canvas, labelset: LabelSet, opts: SegmentOptions
     ) -> SegmentationResult:
-        count = canvas.count.clamp_min(1)
-        refined = refine(
-            canvas.logits / count,
-            canvas.keys / count,
+        if canvas.windows:
+            size = (canvas.count.shape[0] * self.stride, canvas.count.shape[1] * self.stride)
+            refined = average_windows(canvas.windows, size)
+        else:
+            count = canvas.count.clamp_min(1)
+            refined = self._refine(canvas.logits / count, canvas.keys / count, opts)
+        if opts.pamr and canvas.pixels is not None:
+            refined = refine_against_image(refined, canvas.pixels, opts.pamr_iterations, opts.pamr_stride)
+        return result_from_probabilities(
+            refined.probs, shape, labelset.names, refined.kept, opts.bg_threshold, scores=refined.scores
+        )
+
+    @staticmethod
+    def _refine(logits: torch.Tensor, keys: torch.Tensor, opts: SegmentOptions) -> Refined:
+        return refine(
+            logits,
+            keys,
             logit_scale=opts.logit_scale,
             prompt_denoise=opts.prompt_denoising,
             pd_threshold=opts.pd_threshold,
             key_smooth=opts.key_smoothing,
+            variant=opts.key_smoothing_variant,
+            ks_threshold=opts.ks_threshold,
         )
-        return result_from_probabilities(refined.probs, shape, labelset.names, refined.kept, opts.bg_threshold)
