@@ -7,29 +7,61 @@ coalesce into it.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any
 
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.lock import Lock
+from redis.retry import Retry
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
-_RACE_GRACE_S = 30  # a key whose job is not saved yet is another trigger enqueueing right now
 HEARTBEAT_S = 10  # a running training job refreshes meta["heartbeat"] this often
 LOST_AFTER_S = 120  # a "started" job silent for this long lost its worker (killed, machine gone)
+
+ACTIVATION_LOCK_S = 120  # a worker killed while activating holds the project's activation lock at most this long
+
+log = logging.getLogger(__name__)
 
 _COMPARE_AND_DELETE = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# A job owns its project while the key names it; a key lost with Redis's data (a restart before its
+# last save) is taken back, so a restart alone never stops a job.
+_CLAIM = """
+local held = redis.call('get', KEYS[1])
+if not held then
+  redis.call('set', KEYS[1], ARGV[1] .. '|' .. ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+if string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then return 1 end
+return 0
+"""
 
 
-def connect(redis_url: str) -> Redis:
-    """A Redis connection from a URL (``redis://``, ``rediss://`` or ``unix://``)."""
-    return Redis.from_url(redis_url)
+def connect(redis_url: str, retries: int = 3, patience_s: float = 2.0) -> Redis:
+    """A Redis connection from a URL (``redis://``, ``rediss://`` or ``unix://``).
+
+    Connection errors and timeouts are retried ``retries`` times with
+    exponential backoff capped at ``patience_s``, so a Redis restart of a
+    second or two is invisible to callers; longer outages raise ``RedisError``.
+    """
+    retry = Retry(ExponentialBackoff(cap=patience_s, base=0.05), retries)
+    return Redis.from_url(
+        redis_url,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
+        health_check_interval=30,
+    )
 
 
 def lock_key(project: int | str) -> str:
@@ -47,49 +79,101 @@ def enqueue_training(
 ) -> tuple[str, bool]:
     """Enqueue training for ``project`` unless a job for it is live; returns ``(job id, created)``."""
     key = lock_key(project)
+    ttl = job_timeout + 3600
     queue = Queue(queue_name, connection=connection)
     for _ in range(5):
+        held = connection.get(key)
+        lost = None
+        if held is not None:
+            existing = held.decode().split("|", 1)[0]
+            try:
+                job = Job.fetch(existing, connection=connection)
+                if job.get_status() in LIVE:
+                    if not _silent(job):
+                        return existing, False
+                    lost = job
+            except NoSuchJobError:
+                pass  # key and job are written together, so its job expired or was deleted: it is over
         job_id = f"train-p{project}-{uuid.uuid4().hex[:12]}"
-        if connection.set(key, f"{job_id}|{time.time():.0f}", nx=True, ex=job_timeout + 3600):
-            queue.enqueue(
+        if not _claim_and_enqueue(connection, queue, key, held, job_id, ttl, project, trigger, job_timeout, kwargs):
+            continue  # another trigger moved the key first: look again
+        if lost is not None:
+            _mark_lost(lost, job_id)
+        return job_id, True
+    raise RuntimeError(f"could not enqueue training for project {project}: the queue key keeps changing")
+
+
+def _claim_and_enqueue(
+    connection: Redis,
+    queue: Queue,
+    key: str,
+    expected: bytes | None,
+    job_id: str,
+    ttl: int,
+    project: int,
+    trigger: str,
+    job_timeout: int,
+    kwargs: dict[str, Any] | None,
+) -> bool:
+    """Point the project's key at a new job and enqueue that job in one transaction, if the key still holds
+    ``expected``: the lost-job decision and the takeover are atomic, and a Redis failure half-way leaves neither."""
+    with connection.pipeline() as pipe:
+        try:
+            pipe.watch(key)
+            if pipe.get(key) != expected:
+                return False
+            pipe.multi()
+            pipe.set(key, f"{job_id}|{time.time():.0f}", ex=ttl)
+            queue.enqueue_call(
                 "workers.jobs.train_project",
-                project,
-                trigger=trigger,
-                **(kwargs or {}),
+                args=(project,),
+                kwargs={"trigger": trigger, **(kwargs or {})},
                 job_id=job_id,
-                job_timeout=job_timeout,
+                timeout=job_timeout,
                 result_ttl=7 * 24 * 3600,
                 failure_ttl=7 * 24 * 3600,
                 meta={"project": project, "trigger": trigger, "phase": "queued"},
                 description=f"train project {project} ({trigger})",
+                pipeline=pipe,
             )
-            return job_id, True
-        held = connection.get(key)
-        if held is None:
-            continue
-        existing, _, stamp = held.decode().partition("|")
-        try:
-            job = Job.fetch(existing, connection=connection)
-            if job.get_status() in LIVE and not _lost(job):
-                return existing, False
-        except NoSuchJobError:
-            if time.time() - float(stamp or 0) < _RACE_GRACE_S:
-                return existing, False
-        release(connection, project, held.decode())  # the job it names is over: take its place
-    raise RuntimeError(f"could not enqueue training for project {project}: the queue key keeps changing")
+            pipe.execute()
+            return True
+        except WatchError:
+            return False
 
 
-def _lost(job: Job) -> bool:
-    """A started job whose heartbeat stopped: its worker died. It is marked failed so listings tell the truth."""
+def _silent(job: Job) -> bool:
+    """A started job whose heartbeat stopped: its worker died, or cannot reach Redis."""
     if job.get_status() != JobStatus.STARTED:
         return False
     beat = job.meta.get("heartbeat")
-    if beat is None or time.time() - float(beat) < LOST_AFTER_S:
-        return False
-    job.meta["phase"] = "lost: its worker stopped"
+    return beat is not None and time.time() - float(beat) >= LOST_AFTER_S
+
+
+def _mark_lost(job: Job, successor: str) -> None:
+    """Listings tell the truth; if its worker is alive after all, the job sees it lost the project and stops."""
+    job.meta["phase"] = f"lost: its worker stopped; replaced by {successor}"
     job.save_meta()
     job.set_status(JobStatus.FAILED)
-    return True
+
+
+def claim(connection: Redis, project: int | str, job_id: str, ttl: int = 6 * 3600 + 3600) -> bool | None:
+    """Whether ``job_id`` still owns ``project``'s training (retaking a key Redis lost); None: Redis unreachable."""
+    try:
+        return bool(connection.eval(_CLAIM, 1, lock_key(project), job_id, f"{time.time():.0f}", ttl))
+    except RedisError as exc:
+        log.warning("could not confirm that job %s still owns project %s: %s", job_id, project, exc)
+        return None
+
+
+def owner(connection: Redis, project: int | str) -> str | None:
+    held = connection.get(lock_key(project))
+    return held.decode().split("|", 1)[0] if held else None
+
+
+def activation_lock(connection: Redis, project: int | str, timeout: float = ACTIVATION_LOCK_S) -> Lock:
+    """The lock every process holds while it changes ``project``'s active student (it expires if its holder dies)."""
+    return connection.lock(f"maskclip:activate:{project}", timeout=timeout, blocking_timeout=timeout)
 
 
 def release(connection: Redis, project: int | str, held: str | None = None) -> None:

@@ -15,6 +15,7 @@ active pointer only ever names a complete checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -26,6 +27,7 @@ from .atomic import atomic_write
 from .student import StudentCheckpoint
 
 _VERSION_FILE = re.compile(r"^v(\d+)\.json$")
+_TAKEN = re.compile(r"^\.?v(\d+)\.(pt|reserved)$")  # a stored checkpoint or a number another process reserved
 
 
 @dataclass(frozen=True)
@@ -47,10 +49,12 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class ModelRegistry:
-    """Per-project student versions under ``model_dir``; safe for several processes reading at once.
+    """Per-project student versions under ``model_dir``; safe for several processes reading and writing at once.
 
-    Writes for one project come from one training job at a time (the queue
-    guarantees it), so numbering needs no lock across processes.
+    A version number is reserved by creating ``.v<N>.reserved`` exclusively
+    (``O_EXCL`` works across processes and on shared folders), so two jobs
+    that store versions at the same moment never write the same file.
+    Choosing which version is active across processes is the caller's lock.
     """
 
     def __init__(self, model_dir: Path) -> None:
@@ -107,14 +111,8 @@ class ModelRegistry:
     def add(self, project: str | int, checkpoint: StudentCheckpoint) -> StudentVersion:
         """Store a new version (not yet active): checkpoint first, then its metrics file."""
         with self._lock:
-            existing = [v.number for v in self.versions(project)]
             folder = self.folder(project)
-            taken = (
-                [int(m.group(1)) for p in folder.glob("v*.pt") if (m := re.match(r"^v(\d+)\.pt$", p.name))]
-                if folder.is_dir()
-                else []
-            )
-            number = max(existing + taken, default=0) + 1
+            number, reservation = self._reserve(folder, [v.number for v in self.versions(project)])
             name = self.version_name(project, number)
             checkpoint.info = {
                 **checkpoint.info,
@@ -122,10 +120,31 @@ class ModelRegistry:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             path = folder / f"v{number}.pt"
-            checkpoint.save(path)
-            meta = {"metrics": checkpoint.metrics, "info": checkpoint.info}
-            write_atomic(folder / f"v{number}.json", json.dumps(meta, indent=2).encode())
+            try:
+                checkpoint.save(path)
+                meta = {"metrics": checkpoint.metrics, "info": checkpoint.info}
+                write_atomic(folder / f"v{number}.json", json.dumps(meta, indent=2).encode())
+            finally:
+                reservation.unlink(missing_ok=True)  # the .pt holds the number now (or nothing was stored)
         return StudentVersion(str(project), number, name, path, checkpoint.metrics, checkpoint.info)
+
+    @staticmethod
+    def _reserve(folder: Path, existing: list[int]) -> tuple[int, Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for p in folder.iterdir() if (m := _TAKEN.match(p.name))]
+        number = max(existing + taken, default=0) + 1
+        while True:
+            reservation = folder / f".v{number}.reserved"
+            try:
+                os.close(os.open(reservation, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                number += 1
+                continue
+            if (folder / f"v{number}.pt").exists():  # stored by a process that finished between list and create
+                reservation.unlink(missing_ok=True)
+                number += 1
+                continue
+            return number, reservation
 
     def activate(self, version: StudentVersion) -> None:
         pointer = {"version": version.name, "file": version.checkpoint.name}

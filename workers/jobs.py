@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
-import threading
-import time
+from dataclasses import dataclass
 from typing import Any
 
 from rq import get_current_job
-from tqdm import tqdm
 
 from ls_integration.dataset import ProjectDataError, load_project
 from ls_integration.fetching import ImageFetcher
-from ls_integration.label_studio import LabelStudioAuth
-from ls_integration.queue import HEARTBEAT_S, release_job
+from ls_integration.host_pin import pinned_host
+from ls_integration.label_studio import LabelStudioAuth, origin
+from ls_integration.queue import release_job
 from ls_integration.settings import Settings
 from maskclip_engine import LabelSet, Segmenter
 from maskclip_engine.registry import ModelRegistry
@@ -24,62 +22,11 @@ from maskclip_engine.student_segmenter import StudentSegmenter
 from maskclip_engine.training import TrainConfig, TrainingImage, evaluate, train_student
 
 from .context import shared_segmenter
+from .preannotate import queue_after_promotion
+from .progress import Progress
+from .promotion import promote
 
 log = logging.getLogger(__name__)
-
-
-class Progress:
-    """Reports a job's progress to the RQ job's meta (at most once a second), the log and a terminal bar.
-
-    A heartbeat in the meta, refreshed every few seconds from a background
-    thread, lets triggers tell a running job from one whose worker died.
-    """
-
-    def __init__(self, project: int, total: int | None = None) -> None:
-        self.job = get_current_job()
-        self.project = project
-        self.meta: dict[str, Any] = {}
-        self._saved = 0.0
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._bar = tqdm(total=total, desc=f"training project {project}", unit="step") if sys.stderr.isatty() else None
-        if self.job is not None:
-            threading.Thread(target=self._beat, name="job-heartbeat", daemon=True).start()
-
-    def _beat(self) -> None:
-        while not self._stopped.wait(HEARTBEAT_S):
-            self.update(force=True)
-
-    def update(self, force: bool = False, **fields: Any) -> None:
-        with self._lock:
-            self._update(force, fields)
-
-    def _update(self, force: bool, fields: dict[str, Any]) -> None:
-        self.meta.update(fields, heartbeat=time.time())
-        if self._bar is not None and "step" in fields:
-            self._bar.total = fields.get("iterations", self._bar.total)
-            self._bar.n = fields["step"]
-            self._bar.set_postfix(loss=f"{fields.get('loss', 0):.3f}", phase=fields.get("phase"), refresh=True)
-        now = time.monotonic()
-        if self.job is not None and (force or now - self._saved >= 1.0):
-            self.job.meta.update(self.meta)
-            self.job.save_meta()
-            self._saved = now
-        step = fields.get("step")
-        if step is not None and (step == 1 or step % 50 == 0 or step == fields.get("iterations")):
-            log.info(
-                "project %s: step %s/%s loss %.4f (%s)",
-                self.project,
-                step,
-                fields.get("iterations"),
-                fields.get("loss", float("nan")),
-                fields.get("phase"),
-            )
-
-    def close(self) -> None:
-        self._stopped.set()
-        if self._bar is not None:
-            self._bar.close()
 
 
 def train_project(
@@ -104,8 +51,12 @@ def train_project(
         token = settings.label_studio_api_key or (label_studio or {}).get("token")
         if not url:
             raise ProjectDataError("the worker does not know where Label Studio is: set LABEL_STUDIO_URL.")
+        pinned = None if settings.label_studio_url else pinned_host(settings.model_dir)
+        if pinned is not None and origin(pinned) != origin(url):
+            raise ProjectDataError(f"the job names Label Studio at {url}, but this backend is pinned to {pinned}.")
         auth = LabelStudioAuth(url, token)
         config = _train_config(settings, options or {})
+        progress.check_owner()  # a job replaced while it waited in the queue does no work
         progress.update(force=True, phase="fetching data")
         data = load_project(
             auth,
@@ -125,9 +76,13 @@ def train_project(
             len(data.held_out),
             data.skipped,
         )
-        student_config = StudentConfig(backbone=settings.student_backbone)
+        # Train, record and judge under this job's settings, whatever the cached model was built with.
+        segmenter = Segmenter(segmenter.clip, settings.segment, segmenter.text)
+        student_config = StudentConfig(
+            backbone=settings.student_backbone, backbone_weights=settings.student_backbone_weights
+        )
         net = train_student(
-            segmenter, data.train, labels, config, student_config, progress=lambda fields: progress.update(**fields)
+            segmenter, data.train, labels, config, student_config, progress=progress.training_step
         )
 
         progress.update(force=True, phase="evaluating")
@@ -146,26 +101,45 @@ def train_project(
                 "trigger": trigger,
                 "from_name": data.control.from_name,
                 "backbone": student_config.backbone,
+                "dense_mode": segmenter.options.dense_mode,  # also in checkpoint.options; shown by /versions
                 "train": dataclasses.asdict(config),
                 "images": len(data.train),
                 "annotated": data.annotated,
                 "held_out": len(data.held_out),
             },
+            options=segmenter.options,
         )
-        candidate, current, current_name = _judge(segmenter, registry, project, checkpoint, labels, data.held_out)
-        checkpoint.metrics = {"held_out_miou": candidate, "baseline": current_name, "baseline_miou": current}
+        held_out, gate = data.held_out, (settings.gate_min_pixels, settings.gate_margin)
+        judged_against = registry.active_name(project)
+        verdict = judge(segmenter, registry, project, checkpoint, labels, held_out, *gate)
+        checkpoint.metrics = {
+            "held_out_miou": verdict.candidate,
+            "baseline": verdict.baseline,
+            "baseline_miou": verdict.current,
+            "held_out_pixels": verdict.pixels,
+        }
+        progress.check_owner()  # a replaced job stores nothing
         version = registry.add(project, checkpoint)
-        promoted = candidate is not None and current is not None and candidate > current
+        promoted, reason = verdict.promoted, verdict.reason
         if promoted:
-            registry.activate(version)
+
+            def rejudge() -> tuple[bool, str]:
+                again = judge(segmenter, registry, project, checkpoint, labels, held_out, *gate)
+                return again.promoted, again.reason
+
+            connection, job_id = (job.connection, job.id) if job is not None else (None, None)
+            promoted, refused = promote(connection, registry, version, judged_against, rejudge, job_id)
+            reason = refused or reason
+            queue_after_promotion(project, version.name, label_studio)  # the student's proposals everywhere
         result = {
             "project": project,
             "version": version.name,
             "promoted": promoted,
-            "held_out_miou": candidate,
-            "baseline": current_name,
-            "baseline_miou": current,
-            "reason": _reason(candidate, current, promoted),
+            "held_out_miou": verdict.candidate,
+            "baseline": verdict.baseline,
+            "baseline_miou": verdict.current,
+            "held_out_pixels": verdict.pixels,
+            "reason": reason,
         }
         progress.update(force=True, phase="done", **result)
         log.info("project %s: %s", project, result["reason"])
@@ -192,37 +166,72 @@ def _train_config(settings: Settings, options: dict[str, Any]) -> TrainConfig:
     return dataclasses.replace(base, **options)
 
 
-def _judge(
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's decision. ``pixels``: labelled held-out pixels both sides were scored on."""
+
+    promoted: bool
+    reason: str
+    candidate: float | None = None
+    current: float | None = None
+    baseline: str = "maskclip"
+    pixels: int = 0
+
+
+def judge(
     segmenter: Segmenter,
     registry: ModelRegistry,
     project: int,
     checkpoint: StudentCheckpoint,
     labels: LabelSet,
     held_out: list[TrainingImage],
-) -> tuple[float | None, float | None, str]:
-    """Held-out mIoU of the candidate and of the model it would replace (the active student, else MaskCLIP)."""
+    min_pixels: int,
+    margin: float,
+) -> Verdict:
+    """Score the candidate and the model it would replace (the active student, else MaskCLIP) on held-out images.
+
+    Both sides are scored as the backend serves them: MaskCLIP with
+    ``segmenter.options`` (the serving options, background threshold included),
+    a student with the dense mode it records and the serving background
+    threshold. The candidate is promoted only when at least ``min_pixels``
+    labelled pixels were held out and its mIoU exceeds the current model's by
+    more than ``margin``: a tie, or a gain within the margin, keeps the current
+    model (replacing a model for noise would change every later prediction).
+    """
+    options = segmenter.options
     active = registry.active(project)
-    baseline_name = "maskclip"
-    baseline = None
+    baseline_name, baseline = "maskclip", None
     if active is not None:
         previous = StudentCheckpoint.load(active.checkpoint, segmenter.clip.device)
-        if previous.labels == checkpoint.labels:
+        if previous.labels == checkpoint.labels and previous.prompts == checkpoint.prompts:
             baseline_name, baseline = active.name, StudentSegmenter(segmenter, previous)
     if not held_out:
-        return None, None, baseline_name
-    candidate = StudentSegmenter(segmenter, checkpoint)
+        return Verdict(
+            False,
+            "kept, not promoted: at least two accepted annotations are needed to hold one out for judging",
+            baseline=baseline_name,
+        )
     num = len(checkpoint.labels)
-    candidate_miou = evaluate(lambda image: candidate.segment(image).label_map, held_out, num).miou
+    candidate = StudentSegmenter(segmenter, checkpoint)
+    scored = evaluate(lambda image: candidate.segment(image, options.bg_threshold).label_map, held_out, num)
     if baseline is None:
-        current = evaluate(lambda image: segmenter.segment(image, labels).label_map, held_out, num).miou
+        current = evaluate(lambda image: segmenter.segment(image, labels).label_map, held_out, num)
     else:
-        current = evaluate(lambda image: baseline.segment(image).label_map, held_out, num).miou
-    return candidate_miou, current, baseline_name
-
-
-def _reason(candidate: float | None, current: float | None, promoted: bool) -> str:
-    if candidate is None:
-        return "kept, not promoted: at least two accepted annotations are needed to hold one out for judging"
-    if promoted:
-        return f"promoted: held-out mIoU {candidate:.3f} beats {current:.3f}"
-    return f"kept, not promoted: held-out mIoU {candidate:.3f} does not beat {current:.3f}"
+        current = evaluate(lambda image: baseline.segment(image, options.bg_threshold).label_map, held_out, num)
+    new, old, pixels = scored.miou, current.miou, scored.pixels
+    if pixels < min_pixels:
+        promoted = False
+        reason = (
+            f"kept, not promoted: only {pixels} labelled pixels were held out and MASKCLIP_GATE_MIN_PIXELS asks for "
+            f"{min_pixels} (held-out mIoU {new:.3f} against {old:.3f}); annotate more images"
+        )
+    elif new > old + margin:
+        promoted = True
+        reason = f"promoted: held-out mIoU {new:.3f} beats {old:.3f} by more than {margin:g} on {pixels} pixels"
+    else:
+        promoted = False
+        reason = (
+            f"kept, not promoted: held-out mIoU {new:.3f} does not beat {old:.3f} by more than "
+            f"MASKCLIP_GATE_MARGIN={margin:g}"
+        )
+    return Verdict(promoted, reason, new, old, baseline_name, pixels)
