@@ -130,7 +130,8 @@ def train_project(
             connection, job_id = (job.connection, job.id) if job is not None else (None, None)
             promoted, refused = promote(connection, registry, version, judged_against, rejudge, job_id)
             reason = refused or reason
-            queue_after_promotion(project, version.name, label_studio)  # the student's proposals everywhere
+            if promoted:  # not when activation found a newer job or a better model
+                queue_after_promotion(project, version.name, label_studio)  # the student's proposals everywhere
         result = {
             "project": project,
             "version": version.name,
