@@ -103,6 +103,12 @@ class Settings:
                 pd_threshold=_number("MASKCLIP_PD_THRESHOLD", defaults.pd_threshold),
                 bg_threshold=_number("MASKCLIP_BG_THRESHOLD", defaults.bg_threshold),
                 batch_size=int(_number("MASKCLIP_BATCH_SIZE", defaults.batch_size, int)),
+                key_smoothing_variant=os.environ.get("MASKCLIP_KS_VARIANT", defaults.key_smoothing_variant),
+                ks_threshold=_number("MASKCLIP_KS_THRESHOLD", defaults.ks_threshold),
+                slide_refine=os.environ.get("MASKCLIP_SLIDE_REFINE", defaults.slide_refine),
+                pamr=_bool("MASKCLIP_PAMR", defaults.pamr),
+                pamr_iterations=int(_number("MASKCLIP_PAMR_ITERATIONS", defaults.pamr_iterations, int)),
+                pamr_stride=int(_number("MASKCLIP_PAMR_STRIDE", defaults.pamr_stride, int)),
             )
         except ConfigurationError:
             raise
