@@ -31,6 +31,7 @@ class ProjectData:
     train: list[TrainingImage]  # annotated and unannotated images
     held_out: list[TrainingImage]  # annotated images kept apart to judge candidates
     skipped: int  # tasks whose image could not be fetched
+    skipped_annotations: int = 0  # annotations that could not be read (their images train unannotated)
 
     @property
     def annotated(self) -> int:
@@ -45,35 +46,77 @@ def accepted(annotation: dict) -> bool:
     return not any(review.get("accepted") is False for review in reviews if isinstance(review, dict))
 
 
-def label_map(annotation: dict, control: LabelControl, height: int, width: int) -> np.ndarray:
-    """The annotation's regions for ``control`` as an ``HxW`` map (-1 where nothing was drawn)."""
+class AnnotationError(ValueError):
+    """An annotation whose regions cannot be read; it is skipped, its image still trains."""
+
+
+MAX_POLYGON_POINTS = 100_000
+
+
+def label_map(
+    annotation: dict, control: LabelControl, height: int, width: int, max_pixels: int = 50_000_000
+) -> np.ndarray:
+    """The annotation's regions for ``control`` as an ``HxW`` map (-1 where nothing was drawn).
+
+    Raises :class:`AnnotationError` for a region that cannot be read (a
+    malformed or oversized RLE, bad polygon points); ``max_pixels`` caps the
+    size an RLE may claim before anything is allocated for it.
+    """
     out = np.full((height, width), -1, dtype=np.int64)
-    for region in annotation.get("result", []):
-        if region.get("from_name") != control.from_name:
+    results = annotation.get("result", [])
+    if not isinstance(results, list):
+        raise AnnotationError("its 'result' is not a list")
+    for region in results:
+        if not isinstance(region, dict) or region.get("from_name") != control.from_name:
             continue
         value = region.get("value", {})
+        if not isinstance(value, dict):
+            raise AnnotationError("a region's 'value' is not an object")
         names = value.get(region.get("type", ""), []) or value.get("brushlabels") or value.get("polygonlabels") or []
         if not names or names[0] not in control.labels:
             continue
         index = control.labels.index(names[0])
-        mask = _region_mask(region, value, height, width)
+        try:
+            mask = _region_mask(region, value, height, width, max_pixels)
+        except AnnotationError:
+            raise
+        except (ValueError, TypeError, IndexError, OverflowError) as exc:  # a truncated RLE, for one
+            raise AnnotationError(f"a {region.get('type', 'region')} region cannot be read: {exc}") from None
         if mask is not None:
             out[mask] = index
     return out
 
 
-def _region_mask(region: dict, value: dict, height: int, width: int) -> np.ndarray | None:
+def _region_mask(region: dict, value: dict, height: int, width: int, max_pixels: int) -> np.ndarray | None:
     if value.get("format") == "rle" and value.get("rle"):
+        rle = value["rle"]
         h, w = int(region.get("original_height", height)), int(region.get("original_width", width))
-        alpha = np.asarray(decode_rle(value["rle"]), dtype=np.uint8)[: h * w * 4].reshape(h, w, 4)[:, :, 3]
+        if h <= 0 or w <= 0 or h * w > max_pixels:
+            raise AnnotationError(
+                f"a brush region claims {w}x{h} pixels (limit {max_pixels:,}, MASKCLIP_MAX_IMAGE_PIXELS)"
+            )
+        if not isinstance(rle, list) or len(rle) < 5 or not all(isinstance(b, int) and 0 <= b < 256 for b in rle):
+            raise AnnotationError("a brush region's 'rle' is not a list of bytes")
+        claimed = int.from_bytes(bytes(rle[:4]), "big")  # the RLE header: how many values decode_rle allocates
+        if claimed != h * w * 4:
+            raise AnnotationError(f"a brush region's RLE holds {claimed:,} values, not {w}x{h}x4 = {h * w * 4:,}")
+        alpha = np.asarray(decode_rle(rle), dtype=np.uint8).reshape(h, w, 4)[:, :, 3]
         mask = alpha > 0
         if (h, w) != (height, width):
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
         return mask
     points = value.get("points")
     if points and len(points) >= 3:
+        if not isinstance(points, list) or len(points) > MAX_POLYGON_POINTS:
+            raise AnnotationError(f"a polygon has over {MAX_POLYGON_POINTS:,} points or no list of them")
+        scaled = []
+        for point in points:
+            x, y = (float(v) for v in point)
+            if not (np.isfinite(x) and np.isfinite(y) and -1 <= x <= 101 and -1 <= y <= 101):
+                raise AnnotationError(f"a polygon point {point!r} is not within the image (0-100 %)")
+            scaled.append((x * width / 100, y * height / 100))
         canvas = Image.new("L", (width, height), 0)
-        ImageDraw.Draw(canvas).polygon([(x * width / 100, y * height / 100) for x, y in points], fill=1)
+        ImageDraw.Draw(canvas).polygon(scaled, fill=1)
         return np.asarray(canvas) > 0
     return None
 
@@ -87,7 +130,12 @@ def _held_out(task_id: int, fraction: float) -> bool:
 def load_project(
     auth: LabelStudioAuth, fetcher: ImageFetcher, project: int, holdout_fraction: float, short_side: int
 ) -> ProjectData:
-    """Read the project's config and tasks and fetch its images (downscaled to ``short_side``)."""
+    """Read the project's config and tasks and fetch its images (downscaled to ``short_side``).
+
+    Never all or nothing: a task whose image cannot be fetched is skipped, an
+    annotation that cannot be read is dropped (its image trains unannotated);
+    both are logged and counted.
+    """
     session = requests.Session()
     try:
         info = session.get(f"{auth.url}/api/projects/{project}", headers=auth.headers(), timeout=60)
@@ -104,23 +152,36 @@ def load_project(
     control = parse_label_config(info.json()["label_config"]).controls[0]
     tasks = export.json()
 
-    annotated, plain, skipped = [], [], 0
+    if not isinstance(tasks, list):
+        raise ProjectDataError(f"Label Studio's export of project {project} is not a list of tasks.")
+    max_pixels = fetcher.settings.max_image_pixels
+    annotated, plain, skipped, bad_annotations = [], [], 0, 0
     for task in tasks:
+        task_id = task.get("id") if isinstance(task, dict) else None
         try:
-            image = fetcher.fetch(task.get("data", {}).get(control.data_key), task.get("id"))
+            if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+                raise ImageFetchError("the task has no 'data' object")
+            image = fetcher.fetch(task["data"].get(control.data_key), task_id)
         except ImageFetchError as exc:
-            log.warning("task %s skipped for training: %s", task.get("id"), exc)
+            log.warning("task %s skipped for training: %s", task_id, exc)
             skipped += 1
             continue
         image = _downscale(image, short_side)
         height, width = image.shape[:2]
-        good = [a for a in task.get("annotations", []) if accepted(a)]
+        annotations = task.get("annotations")
+        good = [a for a in annotations if isinstance(a, dict) and accepted(a)] if isinstance(annotations, list) else []
         if not good:
             plain.append(TrainingImage(image))
             continue
-        best = max(good, key=lambda a: (bool(a.get("ground_truth")), a.get("updated_at") or "", a.get("id", 0)))
-        labels = label_map(best, control, height, width)
-        annotated.append((task.get("id", 0), TrainingImage(image, labels)))
+        best = max(good, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), _int(a.get("id"))))
+        try:
+            labels = label_map(best, control, height, width, max_pixels)
+        except AnnotationError as exc:
+            log.warning("task %s: annotation %s skipped for training: %s", task_id, best.get("id"), exc)
+            bad_annotations += 1
+            plain.append(TrainingImage(image))
+            continue
+        annotated.append((_int(task_id), TrainingImage(image, labels)))
 
     held = [item for task_id, item in annotated if _held_out(task_id, holdout_fraction)]
     if len(annotated) >= 2 and not held:
@@ -128,7 +189,11 @@ def load_project(
     if len(held) == len(annotated) and held:
         held = held[:-1]  # and always train on at least one
     train = [item for _, item in annotated if not any(item is h for h in held)] + plain
-    return ProjectData(control, train, held, skipped)
+    return ProjectData(control, train, held, skipped, bad_annotations)
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def _downscale(image: np.ndarray, short_side: int) -> np.ndarray:

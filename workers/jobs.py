@@ -69,12 +69,13 @@ def train_project(
             raise ProjectDataError(f"project {project} has no images the worker could fetch.")
         labels = LabelSet.parse([list(p) for p in data.control.prompts])
         log.info(
-            "project %s: %d training images (%d annotated), %d held out, %d skipped",
+            "project %s: %d training images (%d annotated), %d held out, %d images and %d annotations skipped",
             project,
             len(data.train),
             data.annotated - len(data.held_out),
             len(data.held_out),
             data.skipped,
+            data.skipped_annotations,
         )
         # Train, record and judge under this job's settings, whatever the cached model was built with.
         segmenter = Segmenter(segmenter.clip, settings.segment, segmenter.text)
@@ -141,6 +142,8 @@ def train_project(
             "baseline_miou": verdict.current,
             "held_out_pixels": verdict.pixels,
             "reason": reason,
+            "skipped_images": data.skipped,  # tasks whose image could not be fetched (warned in the log)
+            "skipped_annotations": data.skipped_annotations,  # annotations that could not be read
         }
         progress.update(force=True, phase="done", **result)
         log.info("project %s: %s", project, result["reason"])
