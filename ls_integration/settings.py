@@ -48,7 +48,7 @@ class Settings:
     model: str = "ViT-B-16"
     pretrained: str = "openai"
     device: str | None = None
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 backbone where the chip has native bf16, else fp32
     segment: SegmentOptions = field(default_factory=SegmentOptions)
     label_studio_url: str | None = None
     label_studio_api_key: str | None = field(default=None, repr=False)

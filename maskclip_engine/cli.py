@@ -76,7 +76,7 @@ def model_options(func):
         ),
         click.option("--device", envvar="MASKCLIP_DEVICE", default=None, help="cpu, cuda, cuda:N (default: auto)."),
         click.option(
-            "--precision", envvar="MASKCLIP_PRECISION", type=click.Choice(PRECISIONS), default="fp32", show_default=True
+            "--precision", envvar="MASKCLIP_PRECISION", type=click.Choice(PRECISIONS), default="auto", show_default=True
         ),
     ]
     for option in reversed(options):

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 from .errors import InvalidOptionError
 
-Precision = Literal["fp32", "fp16", "bf16"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Mode = Literal["whole", "slide"]
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 MODES: tuple[str, ...] = ("whole", "slide")
 DENSE_MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip")
 KS_VARIANTS: tuple[str, ...] = ("cosine", "released")
@@ -38,13 +38,15 @@ class ModelSpec:
     (``openai``, ``laion2b_s34b_b88k``, ...) or the path of a local checkpoint
     (an OpenAI TorchScript ``.pt`` or an open_clip state dict). ``device=None``
     picks CUDA when present. ``quick_gelu=None`` follows the weights: OpenAI
-    weights were trained with QuickGELU, most others with GELU.
+    weights were trained with QuickGELU, most others with GELU. ``precision``
+    ``auto`` runs the image backbone in bf16 where the chip computes bf16
+    natively, else fp32 (see :mod:`maskclip_engine.precision`).
     """
 
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
     device: str | None = None
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
     quick_gelu: bool | None = None
     cache_dir: Path | None = None
 

@@ -7,6 +7,7 @@ anything themselves.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -26,6 +27,7 @@ from open_clip.transformer import VisionTransformer
 
 from .config import ModelSpec
 from .errors import ModelNotFoundError, UnsupportedModelError, WeightsUnavailableError
+from .precision import backbone_autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,9 @@ class LoadedClip:
     """A built, frozen CLIP model and the facts inference needs about it.
 
     ``model_id`` and ``weights_id`` identify the architecture and the exact
-    weights; caches and model versions are keyed by them.
+    weights; caches and model versions are keyed by them. Weights are float32
+    (``dtype``); ``precision`` is the concrete precision the image backbone
+    runs in, under :meth:`autocast`.
     """
 
     model: torch.nn.Module
@@ -53,10 +57,15 @@ class LoadedClip:
     arch: Literal["vit", "resnet"]
     stride: int
     embed_dim: int
+    precision: str = "fp32"
 
     @property
     def visual(self) -> torch.nn.Module:
         return self.model.visual
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Where the image backbone runs: autocast in bf16/fp16, a no-op in fp32. Heads stay outside it."""
+        return backbone_autocast(self.device, self.precision)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -149,7 +158,7 @@ def _create(name: str, checkpoint: str | None, spec: ModelSpec, device: torch.de
         return open_clip.create_model(
             name,
             pretrained=checkpoint,
-            precision=spec.precision,
+            precision="fp32",  # weights stay float32: autocast gives the speed, heads stay exact
             device=device,
             force_quick_gelu=quick_gelu,
             cache_dir=str(spec.resolved_cache_dir / "weights"),
@@ -160,7 +169,7 @@ def _create(name: str, checkpoint: str | None, spec: ModelSpec, device: torch.de
     logging.getLogger().addFilter(quiet)
     try:
         model = open_clip.create_model(
-            name, pretrained=None, precision=spec.precision, device=device, force_quick_gelu=quick_gelu
+            name, pretrained=None, precision="fp32", device=device, force_quick_gelu=quick_gelu
         )
     finally:
         logging.getLogger().removeFilter(quiet)
@@ -226,6 +235,7 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
     name, model_id = resolve_model_name(spec.model)
     checkpoint, weights_id, quick_gelu = _resolve_weights(name, spec.pretrained, spec.quick_gelu)
     device = resolve_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
     try:
         model = _create(name, checkpoint, spec, device, quick_gelu)
     except pickle.UnpicklingError as exc:
@@ -249,7 +259,7 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
     mean = tuple(float(v) for v in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in cfg.get("std", open_clip.OPENAI_DATASET_STD))
     dtype = visual.conv1.weight.dtype
-    log.info("loaded %s (%s) on %s as %s", name, weights_id, device, dtype)
+    log.info("loaded %s (%s) on %s, image backbone in %s", name, weights_id, device, precision)
     return LoadedClip(
         model=model,
         tokenizer=open_clip.get_tokenizer(name),
@@ -263,4 +273,5 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
         arch=arch,
         stride=stride,
         embed_dim=int(visual.output_dim),
+        precision=precision,
     )

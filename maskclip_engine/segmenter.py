@@ -71,7 +71,7 @@ class Segmenter:
         model: str = "ViT-B-16",
         pretrained: str | None = "openai",
         device: str | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         *,
         quick_gelu: bool | None = None,
         cache_dir: str | Path | None = None,
@@ -116,7 +116,8 @@ class Segmenter:
         ``dense_mode`` defaults to the segmenter's option (``maskclip``).
         """
         pixels = pixels.to(self.clip.device, self.clip.dtype)
-        features, keys = dense_features(self.clip.visual, pixels, dense_mode or self.options.dense_mode)
+        with self.clip.autocast():  # the backbone only: logits, softmax and refinement stay float32
+            features, keys = dense_features(self.clip.visual, pixels, dense_mode or self.options.dense_mode)
         return features.float(), keys.float()
 
     def dense_features_torch(self, pixels: torch.Tensor, dense_mode: str | None = None) -> torch.Tensor:

@@ -50,13 +50,15 @@ def tiny_rn(models_dir: Path) -> TinyModel:
 @pytest.fixture(scope="session")
 def vit_segmenter(tiny_vit: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
     cache = tmp_path_factory.mktemp("cache")
-    return Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), cache_dir=cache)
+    # float32: these tests compare paths exactly; tests/test_precision.py covers bf16 and "auto"
+    return Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), precision="fp32", cache_dir=cache)
 
 
 @pytest.fixture(scope="session")
 def rn_segmenter(tiny_rn: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
     cache = tmp_path_factory.mktemp("cache")
-    return Segmenter.from_pretrained(str(tiny_rn.config), str(tiny_rn.state_dict), cache_dir=cache)
+    # float32: these tests compare paths exactly; tests/test_precision.py covers bf16 and "auto"
+    return Segmenter.from_pretrained(str(tiny_rn.config), str(tiny_rn.state_dict), precision="fp32", cache_dir=cache)
 
 
 def scene(height: int = 96, width: int = 160, seed: int = 0) -> np.ndarray:

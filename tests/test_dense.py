@@ -93,7 +93,9 @@ def test_vit_dense_features_drop_query_key_mixing(vit_segmenter: Segmenter) -> N
 
 
 def test_vit_uses_quickgelu_when_the_weights_need_it(tiny_vit, tmp_path) -> None:
-    segmenter = Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.torchscript), cache_dir=tmp_path)
+    segmenter = Segmenter.from_pretrained(
+        str(tiny_vit.config), str(tiny_vit.torchscript), precision="fp32", cache_dir=tmp_path
+    )
     pixels = torch.randn(1, 3, 32, 80)
     features, keys = segmenter.dense_features_and_keys(pixels)
     ref_features, ref_keys = _reference_vit(segmenter.clip.visual, pixels)
