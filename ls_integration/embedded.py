@@ -22,7 +22,8 @@ class EmbeddedQueue:
         self.redis = Redis(str(folder / "queue.rdb"))
         self.url = f"unix://{self.redis.socket_file}"
         self.worker = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "--redis-url", self.url],
+            # CLIP loads on the first job and stays: an idle machine does not hold a second copy
+            [sys.executable, "-m", "workers.cli", "--redis-url", self.url, "--no-preload"],
             env={**os.environ, "REDIS_URL": self.url},
             stdin=subprocess.DEVNULL,
         )

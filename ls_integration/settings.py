@@ -8,8 +8,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from maskclip_engine import Segmenter, SegmentOptions
+from maskclip_engine import SegmentOptions  # torch-free: the gunicorn master reads settings without torch
+
+if TYPE_CHECKING:
+    from maskclip_engine import Segmenter
 
 from .errors import ConfigurationError
 from .label_studio import allowed_origin
@@ -67,6 +71,7 @@ class Settings:
     max_request_bytes: int = 64 * 1024 * 1024  # one request body
     student_cache_size: int = 4  # trained students kept loaded per process (least recently used dropped)
     fetch_timeout: float = 30.0
+    fetch_retries: int = 3  # connection errors and 429/5xx answers are retried this often, with backoff
     fetch_threads: int = 8
     queue_name: str = "maskclip-training"
     train_every: int = 0  # enqueue training after this many new/updated annotations (0: only on request)
@@ -140,6 +145,7 @@ class Settings:
             max_request_bytes=int(_number("MASKCLIP_MAX_REQUEST_BYTES", cls.max_request_bytes, int)),
             student_cache_size=int(_number("MASKCLIP_STUDENT_CACHE_SIZE", cls.student_cache_size, int)),
             fetch_timeout=_number("MASKCLIP_FETCH_TIMEOUT", cls.fetch_timeout),
+            fetch_retries=int(_number("MASKCLIP_FETCH_RETRIES", cls.fetch_retries, int)),
             queue_name=os.environ.get("MASKCLIP_QUEUE", cls.queue_name),
             train_every=int(_number("MASKCLIP_TRAIN_EVERY", cls.train_every, int)),
             train_iterations=int(_number("MASKCLIP_TRAIN_ITERATIONS", cls.train_iterations, int)),
@@ -165,6 +171,8 @@ class Settings:
 
     def build_segmenter(self) -> Segmenter:
         """The MaskCLIP model these settings name. It loads weights: build it once per process."""
+        from maskclip_engine import Segmenter
+
         return Segmenter.from_pretrained(
             self.model, self.pretrained, self.device, self.precision, cache_dir=self.cache_dir, options=self.segment
         )
@@ -194,6 +202,8 @@ class Settings:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive.")
+        if not 0 <= self.fetch_retries <= 10:
+            raise ConfigurationError("MASKCLIP_FETCH_RETRIES must be between 0 and 10.")
         for entry in self.allowed_hosts:
             try:
                 allowed_origin(entry)

@@ -1,7 +1,16 @@
 """Zero-shot dense segmentation from a frozen CLIP model (MaskCLIP, ECCV 2022).
 
 Pure ML: no HTTP, queue or Label Studio code lives here.
+
+Names that need torch (the model, the segmenter, results) are imported on
+first use, so a process that only reads settings (the gunicorn master of
+``maskclip-backend serve``) never loads torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelSpec, SegmentOptions
 from .errors import (
@@ -13,10 +22,30 @@ from .errors import (
     UnsupportedModelError,
     WeightsUnavailableError,
 )
-from .loading import LoadedClip, load_clip
-from .prompts import MASKCLIP_TEMPLATES, LabelSet
-from .result import SegmentationResult
-from .segmenter import Segmenter
+
+if TYPE_CHECKING:
+    from .loading import LoadedClip, load_clip
+    from .prompts import MASKCLIP_TEMPLATES, LabelSet
+    from .result import SegmentationResult
+    from .segmenter import Segmenter
+
+_LAZY = {
+    "LoadedClip": "loading",
+    "load_clip": "loading",
+    "MASKCLIP_TEMPLATES": "prompts",
+    "LabelSet": "prompts",
+    "SegmentationResult": "result",
+    "Segmenter": "segmenter",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
 __all__ = [
     "InvalidImageError",

@@ -12,18 +12,14 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from tqdm import tqdm
 
-from ls_integration.dataset import load_project
 from ls_integration.errors import BackendError
-from ls_integration.fetching import ImageFetcher
-from ls_integration.label_studio import LabelStudioAuth
 from ls_integration.queue import connect, enqueue_training, recent_jobs
 from ls_integration.settings import Settings
-from maskclip_engine import MaskClipError
-from maskclip_engine.evaluation import EvalConfig, Sample, config_predictor, evaluate_configs, report_json, report_table
-from maskclip_engine.registry import ModelRegistry
 
-from .context import shared_segmenter
 from .predict_cli import runs_table
+
+# torch and CLIP are imported where they are used: an idle worker started with
+# --no-preload holds neither until its first job.
 
 
 def _settings() -> Settings:
@@ -48,6 +44,8 @@ def worker(redis_url: str, queue_name: str, burst: bool, preload: bool, log_leve
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings()
     if preload:
+        from .context import shared_segmenter
+
         shared_segmenter(settings)
     connection = connect(redis_url)
     SimpleWorker([Queue(queue_name, connection=connection)], connection=connection).work(
@@ -152,6 +150,22 @@ def jobs(redis_url: str, limit: int) -> None:
 )
 def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) -> None:
     """mIoU of MaskCLIP and the project's students against the project's accepted annotations."""
+    from ls_integration.dataset import load_project
+    from ls_integration.fetching import ImageFetcher
+    from ls_integration.label_studio import LabelStudioAuth
+    from maskclip_engine import MaskClipError
+    from maskclip_engine.evaluation import (
+        EvalConfig,
+        Sample,
+        config_predictor,
+        evaluate_configs,
+        report_json,
+        report_table,
+    )
+    from maskclip_engine.registry import ModelRegistry
+
+    from .context import shared_segmenter
+
     settings = _settings()
     if not settings.label_studio_url:
         raise click.ClickException("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read the project.")
