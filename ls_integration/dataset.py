@@ -13,10 +13,11 @@ from PIL import Image, ImageDraw
 
 from maskclip_engine.training import TrainingImage
 
-from .errors import BackendError, ImageFetchError
+from .errors import BackendError, ImageFetchError, ImageHostUnreachableError
 from .fetching import ImageFetcher
 from .label_config import LabelControl, parse_label_config
 from .label_studio import LabelStudioAuth
+from .retrying import retrying_session
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class AnnotationError(ValueError):
 
 
 MAX_POLYGON_POINTS = 100_000
+UNREACHABLE_LIMIT = 5  # this many tasks in a row whose image host does not answer end the read
 
 
 def label_map(
@@ -136,7 +138,7 @@ def load_project(
     annotation that cannot be read is dropped (its image trains unannotated);
     both are logged and counted.
     """
-    session = requests.Session()
+    session = retrying_session(fetcher.settings.fetch_retries)
     try:
         info = session.get(f"{auth.url}/api/projects/{project}", headers=auth.headers(), timeout=60)
         info.raise_for_status()
@@ -155,17 +157,29 @@ def load_project(
     if not isinstance(tasks, list):
         raise ProjectDataError(f"Label Studio's export of project {project} is not a list of tasks.")
     max_pixels = fetcher.settings.max_image_pixels
-    annotated, plain, skipped, bad_annotations = [], [], 0, 0
+    annotated, plain, skipped, bad_annotations, unreachable = [], [], 0, 0, 0
     for task in tasks:
         task_id = task.get("id") if isinstance(task, dict) else None
         try:
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                 raise ImageFetchError("the task has no 'data' object")
             image = fetcher.fetch(task["data"].get(control.data_key), task_id)
+        except ImageHostUnreachableError as exc:
+            unreachable += 1
+            skipped += 1
+            log.warning("task %s skipped for training: %s", task_id, exc)
+            if unreachable >= UNREACHABLE_LIMIT:  # the server is gone: a partial data set would mislead the gate
+                raise ProjectDataError(
+                    f"the image host stopped answering while project {project}'s data was read ({unreachable} "
+                    f"tasks in a row, after {len(annotated) + len(plain)} images); nothing was trained or stored. "
+                    "Start training again once Label Studio is back."
+                ) from exc
+            continue
         except ImageFetchError as exc:
             log.warning("task %s skipped for training: %s", task_id, exc)
             skipped += 1
             continue
+        unreachable = 0
         image = _downscale(image, short_side)
         height, width = image.shape[:2]
         annotations = task.get("annotations")

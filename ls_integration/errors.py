@@ -25,6 +25,10 @@ class ImageFetchError(BackendError):
     """A task's image could not be fetched or is not allowed; the task gets an empty prediction."""
 
 
+class ImageHostUnreachableError(ImageFetchError):
+    """The image's host did not answer at all (connection refused, timed out), even after retries."""
+
+
 class QueueUnavailableError(BackendError):
     """Training cannot be queued right now."""
 

@@ -20,8 +20,9 @@ import requests
 from maskclip_engine import InvalidImageError
 from maskclip_engine.images import decode_image
 
-from .errors import ImageFetchError
+from .errors import ImageFetchError, ImageHostUnreachableError
 from .label_studio import LabelStudioAuth, host_allowed, origin
+from .retrying import retrying_session
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ class ImageFetcher:
     def __init__(self, settings: Settings, auth: LabelStudioAuth | None) -> None:
         self.settings = settings
         self.auth = auth
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxies picked up from the environment for task URLs
+        # No proxies picked up from the environment for task URLs; transient failures are retried.
+        self.session = retrying_session(settings.fetch_retries, trust_env=False)
 
     def fetch(self, reference: object, task_id: object = None) -> np.ndarray:
         data = self.read_bytes(reference, task_id)
@@ -110,6 +111,11 @@ class ImageFetcher:
                 response = self.session.get(
                     url, headers=headers, stream=True, timeout=self.settings.fetch_timeout, allow_redirects=False
                 )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise ImageHostUnreachableError(
+                    f"could not download {_safe(url)}: {exc.__class__.__name__} after "
+                    f"{self.settings.fetch_retries} retries"
+                ) from exc
             except requests.RequestException as exc:
                 raise ImageFetchError(f"could not download {_safe(url)}: {exc.__class__.__name__}") from exc
             with response:
