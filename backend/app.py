@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
 
-from ls_integration.errors import BackendError, BadRequestError, QueueUnavailableError, TooManyTasksError
+from ls_integration.errors import (
+    BackendError,
+    BadRequestError,
+    QueueUnavailableError,
+    TooManyTasksError,
+    UnsupportedLabelConfigError,
+)
 from ls_integration.host_pin import HostPin
 from ls_integration.interactive import context_regions
 from ls_integration.label_config import SchemaCache
 from ls_integration.metrics import CONTENT_TYPE, Metrics
 from ls_integration.preannotation import publish_metrics, start_run
 from ls_integration.predictor import Predictor, ProjectLink
-from ls_integration.queue import LOST_AFTER_S, connect, count_annotation, enqueue_training
+from ls_integration.queue import LOST_AFTER_S, connect, count_annotation, enqueue_training, queue_health
 from ls_integration.settings import Settings
 from maskclip_engine import MaskClipError
 
@@ -39,8 +44,6 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     schemas = SchemaCache(settings.max_labels, max_prompts=settings.max_prompts)
     host_pin = HostPin(settings.label_studio_url, settings.model_dir)
     queue = TrainingQueue(settings, predictor)
-    warmed: set[str] = set()
-    warm_lock = threading.Lock()
 
     app = Flask("maskclip_backend")
     app.config["MASKCLIP_PREDICTOR"] = predictor
@@ -104,7 +107,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify({"status": "UP", "model_class": "MaskCLIP", "model_version": predictor.version})
+        body = {"status": "UP", "model_class": "MaskCLIP", "model_version": predictor.version}
+        if settings.redis_url:  # training's state beside it; model serving is UP either way
+            body["queue"] = queue_health(settings.redis_url, settings.queue_name)
+        return jsonify(body)
 
     @app.post("/setup")
     def setup():
@@ -113,15 +119,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         config = body.get("schema")
         schema = schemas.get(config)
         hostname = host_pin.admit(body.get("hostname"))  # before anything is stored: a foreign host is refused
+        predictor.warm_text_cache(schema)  # in the background; a config seen before is not warmed again
         predictor.link_project(
             project,
             ProjectLink(hostname=hostname, access_token=body.get("access_token"), label_config=config),
         )
-        with warm_lock:
-            fresh = config not in warmed
-            warmed.add(config)
-        if fresh:
-            predictor.warm_text_cache(schema)
         return jsonify({"model_version": predictor.project_version(project, schema)})
 
     @app.post("/predict")
@@ -158,6 +160,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         action = body.get("action")
         if action == "TASKS_CREATED":
             return jsonify(queue.preannotate_new_tasks(body)), 200
+        if action == "PROJECT_UPDATED":  # the labels may have changed: embed them before the next prediction asks
+            return jsonify(_warm_project_config(body)), 200
         if action not in TRAINING_EVENTS:
             return jsonify({"status": "ignored", "action": action}), 200
         project = body.get("project")
@@ -167,6 +171,22 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED") and queue.count_annotation(project_id):
             return jsonify(queue.enqueue(project_id, f"every {settings.train_every} annotations")), 200
         return jsonify({"status": "received", "action": action}), 200
+
+    def _warm_project_config(body: dict[str, Any]) -> dict[str, Any]:
+        project = body.get("project")
+        config = project.get("label_config") if isinstance(project, dict) else None
+        if not isinstance(config, str) or not config.strip():
+            return {
+                "status": "ignored",
+                "action": "PROJECT_UPDATED",
+                "reason": "the payload has no project.label_config",
+            }
+        try:
+            schema = schemas.get(config)
+        except UnsupportedLabelConfigError as exc:
+            return {"status": "ignored", "action": "PROJECT_UPDATED", "reason": str(exc)}
+        predictor.warm_text_cache(schema)
+        return {"status": "warming", "action": "PROJECT_UPDATED"}
 
     @app.post("/train")
     def train():

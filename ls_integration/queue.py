@@ -19,7 +19,7 @@ from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.lock import Lock
 from redis.retry import Retry
-from rq import Queue
+from rq import Queue, Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
@@ -48,7 +48,7 @@ return 0
 """
 
 
-def connect(redis_url: str, retries: int = 3, patience_s: float = 2.0) -> Redis:
+def connect(redis_url: str, retries: int = 3, patience_s: float = 2.0, timeout: float | None = None) -> Redis:
     """A Redis connection from a URL (``redis://``, ``rediss://`` or ``unix://``).
 
     Connection errors and timeouts are retried ``retries`` times with
@@ -61,7 +61,21 @@ def connect(redis_url: str, retries: int = 3, patience_s: float = 2.0) -> Redis:
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
         health_check_interval=30,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
     )
+
+
+def queue_health(redis_url: str, queue_name: str, timeout: float = 1.0) -> dict[str, Any]:
+    """Whether the queue's Redis answers and how many RQ workers listen to the queue; never raises, answers fast."""
+    try:
+        connection = connect(redis_url, retries=0, timeout=timeout)
+        connection.ping()
+        workers = [w for w in Worker.all(connection=connection) if queue_name in w.queue_names()]
+        busy = sum(1 for w in workers if w.get_current_job_id())
+        return {"redis": "reachable", "workers": len(workers), "busy_workers": busy}
+    except (RedisError, OSError) as exc:
+        return {"redis": f"unreachable: {exc.__class__.__name__}", "workers": None}
 
 
 def lock_key(project: int | str) -> str:
