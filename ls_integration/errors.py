@@ -29,6 +29,12 @@ class ImageHostUnreachableError(ImageFetchError):
     """The image's host did not answer at all (connection refused, timed out), even after retries."""
 
 
+class WarmupBusyError(BackendError):
+    """Too many label configs are being prepared at once (a flood of new configs)."""
+
+    status = 429
+
+
 class QueueUnavailableError(BackendError):
     """Training cannot be queued right now."""
 

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .project_store import ProjectLink, ProjectStore
 from .regions import brush_region, polygon_regions
 from .settings import Settings
+from .warmup import TextWarmup
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Predictor:
         set_torch_threads(settings.torch_threads)
         self._device_lock = device_lock(segmenter.clip.device)
         self.interactive = InteractiveAnnotator(segmenter, settings.feature_cache_mb, self._device_lock)
+        self.warmup = TextWarmup(segmenter, settings.max_warmups, settings.warmup_queue, self._device_lock)
 
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Predictor:
@@ -98,19 +100,12 @@ class Predictor:
     def project_link(self, project: str) -> ProjectLink | None:
         return self.projects.load(project)
 
-    def warm_text_cache(self, schema: ProjectSchema) -> threading.Thread:
-        """Compute a project's label embeddings in the background so the first prediction is fast."""
+    def warm_text_cache(self, schema: ProjectSchema) -> Future:
+        """Compute a project's label embeddings in the background so the first prediction is fast.
 
-        def work() -> None:
-            for control in schema.controls:
-                try:
-                    self.segmenter.text_embeddings([list(p) for p in control.prompts])
-                except Exception:  # a warm-up failure must not take the server down
-                    log.exception("warming the text cache failed for %s", control.from_name)
-
-        thread = threading.Thread(target=work, name="text-warmup", daemon=True)
-        thread.start()
-        return thread
+        Bounded (see :class:`TextWarmup`): raises ``WarmupBusyError`` (429) in a flood of new configs.
+        """
+        return self.warmup.submit(schema)
 
     def fetcher_for(self, project: str | None) -> ImageFetcher:
         auth = self._default_auth

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from maskclip_engine import SegmentOptions  # torch-free: the gunicorn master reads settings without torch
+from maskclip_engine.config import PRECISIONS
 
 if TYPE_CHECKING:
     from maskclip_engine import Segmenter
@@ -70,6 +71,9 @@ class Settings:
     max_tasks: int = 1000  # tasks in one /predict request
     max_request_bytes: int = 64 * 1024 * 1024  # one request body
     student_cache_size: int = 4  # trained students kept loaded per process (least recently used dropped)
+    text_cache_entries: int = 4096  # label texts whose embeddings stay in memory (LRU; the disk cache keeps all)
+    max_warmups: int = 2  # label configs whose text embeddings are computed at once in the background
+    warmup_queue: int = 16  # further configs waiting for a warm-up; beyond that /setup and webhooks get 429
     fetch_timeout: float = 30.0
     fetch_retries: int = 3  # connection errors and 429/5xx answers are retried this often, with backoff
     fetch_threads: int = 8
@@ -144,6 +148,9 @@ class Settings:
             max_tasks=int(_number("MASKCLIP_MAX_TASKS", cls.max_tasks, int)),
             max_request_bytes=int(_number("MASKCLIP_MAX_REQUEST_BYTES", cls.max_request_bytes, int)),
             student_cache_size=int(_number("MASKCLIP_STUDENT_CACHE_SIZE", cls.student_cache_size, int)),
+            text_cache_entries=int(_number("MASKCLIP_TEXT_CACHE_ENTRIES", cls.text_cache_entries, int)),
+            max_warmups=int(_number("MASKCLIP_MAX_WARMUPS", cls.max_warmups, int)),
+            warmup_queue=int(_number("MASKCLIP_WARMUP_QUEUE", cls.warmup_queue, int)),
             fetch_timeout=_number("MASKCLIP_FETCH_TIMEOUT", cls.fetch_timeout),
             fetch_retries=int(_number("MASKCLIP_FETCH_RETRIES", cls.fetch_retries, int)),
             queue_name=os.environ.get("MASKCLIP_QUEUE", cls.queue_name),
@@ -171,11 +178,20 @@ class Settings:
 
     def build_segmenter(self) -> Segmenter:
         """The MaskCLIP model these settings name. It loads weights: build it once per process."""
-        from maskclip_engine import Segmenter
+        from maskclip_engine import ModelSpec, Segmenter, load_clip
+        from maskclip_engine.text import TextEmbedder
 
-        return Segmenter.from_pretrained(
-            self.model, self.pretrained, self.device, self.precision, cache_dir=self.cache_dir, options=self.segment
+        clip = load_clip(
+            ModelSpec(
+                model=self.model,
+                pretrained=self.pretrained,
+                device=self.device,
+                precision=self.precision,  # type: ignore[arg-type]
+                cache_dir=self.cache_dir,
+            )
         )
+        text = TextEmbedder(clip, clip.spec.resolved_cache_dir, memory_entries=self.text_cache_entries)
+        return Segmenter(clip, self.segment, text)
 
     def validate(self) -> None:
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
@@ -194,6 +210,8 @@ class Settings:
             "max_tasks",
             "max_request_bytes",
             "student_cache_size",
+            "text_cache_entries",
+            "max_warmups",
             "train_iterations",
             "train_batch_size",
             "predict_batch",
@@ -204,6 +222,10 @@ class Settings:
                 raise ConfigurationError(f"{name} must be positive.")
         if not 0 <= self.fetch_retries <= 10:
             raise ConfigurationError("MASKCLIP_FETCH_RETRIES must be between 0 and 10.")
+        if self.warmup_queue < 0:
+            raise ConfigurationError("MASKCLIP_WARMUP_QUEUE must be 0 or more.")
+        if self.precision not in PRECISIONS:
+            raise ConfigurationError(f"MASKCLIP_PRECISION={self.precision!r}: use one of {', '.join(PRECISIONS)}.")
         for entry in self.allowed_hosts:
             try:
                 allowed_origin(entry)
