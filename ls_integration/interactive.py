@@ -149,6 +149,20 @@ class InteractiveAnnotator:
         self.segmenter = segmenter
         self.cache = FeatureCache(cache_mb)
         self.lock = lock or threading.Lock()
+        self._label_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
+        self._embeddings_lock = threading.Lock()
+
+    def label_embeddings(self, control: LabelControl) -> torch.Tensor:
+        """``[C, D]`` embeddings of the control's labels, kept per label set (phrases are scored against them)."""
+        with self._embeddings_lock:
+            found = self._label_embeddings.get(control.prompts)
+        if found is None:
+            found = self.segmenter.text_embeddings([list(p) for p in control.prompts])
+            with self._embeddings_lock:
+                if len(self._label_embeddings) >= 64:  # projects come and go; a few label sets are live
+                    self._label_embeddings.clear()
+                self._label_embeddings[control.prompts] = found
+        return found
 
     def key(self, rgb: np.ndarray, version: str, control: LabelControl) -> CacheKey:
         options = options_digest(prompts=control.prompts, options=self.segmenter.options.to_dict())
@@ -209,10 +223,9 @@ class InteractiveAnnotator:
         label, how = self._label(gestures, control)
         text = competitors = None
         if gestures.text is not None:
-            embeddings = self.segmenter.text_embeddings([[gestures.text]])
-            label_rows = self.segmenter.text_embeddings([list(p) for p in control.prompts])
+            text = self.segmenter.text.embed([gestures.text])[0]  # 85 templates, cached on disk and in memory
             keep = [i for i in range(len(control.labels)) if i != label]
-            text, competitors = embeddings[0], label_rows[keep] if keep else None
+            competitors = self.label_embeddings(control)[keep] if keep else None
         prompts = Prompts(prompts.positive, prompts.negative, prompts.box, text, competitors, label)
         found = interactive_mask(state, prompts)
         if not found.mask.any():

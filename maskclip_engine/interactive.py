@@ -58,9 +58,11 @@ Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels of the ori
 class DenseState:
     """One image's dense state on its feature grid; shared by segmentation and interactions.
 
-    ``features`` ``[D, h, w]`` (CLIP joint space, not normalised), ``keys``
-    ``[K, h, w]``, ``probs`` ``[C, h, w]`` (refined label probabilities for
-    ``labels``), all float32 on the CPU. ``image_size`` is the original
+    ``features`` ``[D, h, w]`` (CLIP joint space), ``keys`` ``[K, h, w]``,
+    ``probs`` ``[C, h, w]`` (refined label probabilities for ``labels``), all
+    float32 on the CPU. Features and keys are stored L2-normalised per location
+    (only their directions matter here, and every gesture would otherwise
+    normalise them again). ``image_size`` is the original
     ``(height, width)``; the grid covers the whole image, resized to
     ``(h * stride, w * stride)``.
     """
@@ -71,6 +73,14 @@ class DenseState:
     labels: tuple[str, ...]
     image_size: tuple[int, int]
     stride: int
+
+    neighbours: torch.Tensor | None = None  # [9, h, w] key cosine to each 3x3 neighbour; computed if not given
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", F.normalize(self.features.float(), dim=0))
+        object.__setattr__(self, "keys", F.normalize(self.keys.float(), dim=0))
+        if self.neighbours is None:
+            object.__setattr__(self, "neighbours", neighbour_similarity(self.keys))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -145,13 +155,48 @@ def interactive_mask(state: DenseState, prompts: Prompts, params: RegionParams |
         threshold = params.threshold
     if seeds:
         score = torch.where(connected_to(score >= threshold, seeds), score, torch.zeros_like(score))
-    up = F.interpolate(score[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    mask = up >= threshold
+    mask = upsample_mask(score, (height, width), threshold)
     if prompts.box is not None:
         mask &= _box_pixels(prompts.box, (height, width))
     grid_mask = score >= threshold
     mean = float(score[grid_mask].mean()) if bool(grid_mask.any()) else 0.0
     return InteractiveMask(mask=mask.numpy(), score=mean, label=prompts.label)
+
+
+def upsample_mask(score: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """``score >= threshold`` at image ``size`` ``(H, W)``, from grid scores ``[h, w]`` upsampled bilinearly.
+
+    The same values as ``F.interpolate(..., mode="bilinear", align_corners=False)``,
+    computed only over the bounding box of the cells at or over the threshold
+    (plus one cell): a small object costs a small upsampling.
+    """
+    height, width = size
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    over = torch.nonzero(score >= threshold)
+    if over.numel() == 0:
+        return mask
+    rows, cols = score.shape
+    r0, c0 = (over.min(dim=0).values - 1).clamp_min(0).tolist()
+    r1, c1 = (over.max(dim=0).values + 1).tolist()
+    y0, y1 = int(r0 * height / rows), min(height, int(np.ceil((r1 + 1) * height / rows)))
+    x0, x1 = int(c0 * width / cols), min(width, int(np.ceil((c1 + 1) * width / cols)))
+    along_y = _linear_weights(y0, y1, height, rows)  # [y1 - y0, h]
+    along_x = _linear_weights(x0, x1, width, cols)  # [x1 - x0, w]
+    mask[y0:y1, x0:x1] = (along_y @ score @ along_x.T) >= threshold
+    return mask
+
+
+def _linear_weights(start: int, stop: int, size: int, cells: int) -> torch.Tensor:
+    """Rows of 1-D linear interpolation weights for output pixels ``start..stop`` of ``size`` from ``cells``."""
+    source = ((torch.arange(start, stop, dtype=torch.float32) + 0.5) * cells / size - 0.5).clamp_min(0)
+    low = source.floor().long().clamp_max(cells - 1)
+    high = (low + 1).clamp_max(cells - 1)
+    frac = source - low.float()
+    weights = torch.zeros(stop - start, cells)
+    index = torch.arange(stop - start)
+    weights[index, low] += 1 - frac
+    weights[index, high] += frac
+    return weights
 
 
 # --------------------------------------------------------------------- clicks and boxes
@@ -198,8 +243,8 @@ def affinity(
     state: DenseState, seeds: Sequence[tuple[torch.Tensor, torch.Tensor]], params: RegionParams
 ) -> torch.Tensor:
     """Per-image normalised similarity ``[h, w]`` to the most similar of ``seeds`` (feature, key) pairs."""
-    features = F.normalize(state.features.flatten(1), dim=0)  # [D, N]
-    keys = F.normalize(state.keys.flatten(1), dim=0)  # [K, N]
+    features = state.features.flatten(1)  # [D, N], unit length per location
+    keys = state.keys.flatten(1)  # [K, N]
     feature_seeds = torch.stack([f for f, _ in seeds])  # [S, D]
     key_seeds = torch.stack([k for _, k in seeds])  # [S, K]
     similarity = (1 - params.key_weight) * (feature_seeds @ features) + params.key_weight * (key_seeds @ keys)
@@ -212,8 +257,8 @@ def affinity(
 def _vectors(state: DenseState, cells: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean L2-normalised feature and key of some cells (one cell: that cell's own)."""
     index = torch.tensor([list(c) for c in cells])
-    feature = F.normalize(state.features[:, index[:, 0], index[:, 1]], dim=0).mean(dim=1)
-    key = F.normalize(state.keys[:, index[:, 0], index[:, 1]], dim=0).mean(dim=1)
+    feature = state.features[:, index[:, 0], index[:, 1]].mean(dim=1)
+    key = state.keys[:, index[:, 0], index[:, 1]].mean(dim=1)
     return F.normalize(feature, dim=0), F.normalize(key, dim=0)
 
 
@@ -275,7 +320,7 @@ def phrase_scores(
     state: DenseState, text: torch.Tensor, competitors: torch.Tensor | None, params: RegionParams
 ) -> torch.Tensor:
     """Probability ``[h, w]`` that each location shows the phrase rather than one of ``competitors``."""
-    features = F.normalize(state.features.flatten(1), dim=0)  # [D, N]
+    features = state.features.flatten(1)  # [D, N], unit length per location
     phrase = F.normalize(text.float().flatten(), dim=0) @ features  # [N]
     # The cosine map, normalised per image like an affinity: among this image's locations, how phrase-like.
     typical = torch.quantile(phrase, params.typical_quantile)
@@ -286,27 +331,42 @@ def phrase_scores(
         others = F.normalize(competitors.float(), dim=1) @ features  # [C', N]
         logits = torch.cat([phrase[None], others]) * params.logit_scale
         probs = torch.minimum(probs, torch.softmax(logits, dim=0)[0])
-    return local_key_smoothing(probs.reshape(state.grid), state.keys)
+    return local_key_smoothing(probs.reshape(state.grid), state.neighbours)
 
 
-def local_key_smoothing(
-    scores: torch.Tensor, keys: torch.Tensor, radius: int = 1, temperature: float = 0.1
-) -> torch.Tensor:
+def neighbour_similarity(keys: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Cosine ``[S, h, w]`` of each location's key with its neighbour's at each of the ``S = (2r+1)^2``
+    offsets (row-major, the location itself in the middle); ``-inf`` where the neighbour is off the grid.
+
+    It depends on the image alone, so a :class:`DenseState` computes it once.
+    """
+    _, rows, cols = keys.shape
+    unit = F.normalize(keys.float(), dim=0)
+    padded = F.pad(unit, (radius, radius, radius, radius))
+    inside = F.pad(torch.ones(rows, cols, dtype=torch.bool), (radius, radius, radius, radius))
+    out = []
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            window = (slice(dy, dy + rows), slice(dx, dx + cols))
+            similarity = (unit * padded[(slice(None), *window)]).sum(0)
+            out.append(similarity.masked_fill(~inside[window], float("-inf")))
+    return torch.stack(out)
+
+
+def local_key_smoothing(scores: torch.Tensor, similarity: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Edge-aware smoothing of grid scores ``[h, w]``: each location averages its neighbours' scores,
     weighted by ``exp((cos(k_i, k_j) - 1) / temperature)`` (itself 1, an unlike neighbour almost 0).
 
-    MaskCLIP's global key smoothing needs an ``N x N`` key product (tens of
-    milliseconds per image on a CPU); a neighbourhood does for a single map,
-    filling holes inside an object without spreading across its edges.
+    ``similarity`` is :func:`neighbour_similarity` of the keys. MaskCLIP's
+    global key smoothing needs an ``N x N`` key product (tens of milliseconds
+    per image on a CPU); a neighbourhood does for a single map, filling holes
+    inside an object without spreading across its edges.
     """
-    size = 2 * radius + 1
     rows, cols = scores.shape
-    unit = F.normalize(keys.float(), dim=0)[None]  # [1, K, h, w]
-    neighbours = F.unfold(unit, size, padding=radius).reshape(unit.shape[1], size * size, rows * cols)
-    similarity = (neighbours * unit.reshape(unit.shape[1], 1, rows * cols)).sum(0)  # [S, N], 1 for itself
-    weights = torch.exp((similarity - 1) / temperature)
-    values = F.unfold(scores[None, None].float(), size, padding=radius)[0]  # [S, N]
-    inside = F.unfold(torch.ones(1, 1, rows, cols), size, padding=radius)[0]  # padding has no weight
-    weights = weights * inside
-    smoothed = (weights * values).sum(0) / weights.sum(0).clamp_min(1e-6)
-    return smoothed.reshape(rows, cols)
+    radius = (int(round(similarity.shape[0] ** 0.5)) - 1) // 2
+    padded = F.pad(scores.float(), (radius, radius, radius, radius))
+    weights = torch.exp((similarity - 1) / temperature)  # [S, h, w]; 0 off the grid
+    values = torch.stack(
+        [padded[dy : dy + rows, dx : dx + cols] for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
+    )
+    return (weights * values).sum(0) / weights.sum(0).clamp_min(1e-6)

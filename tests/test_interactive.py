@@ -230,3 +230,33 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, mode:
     np.testing.assert_allclose(state.probs.sum(0).numpy(), 1.0, atol=1e-4)
     mask = interactive_mask(state, Prompts(positive=((20.0, 30.0),), label=1)).mask
     assert mask.shape == (70, 110) and mask[30, 20]
+
+
+def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter) -> None:
+    from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
+    from maskclip_engine.student_segmenter import StudentSegmenter
+    from tests.conftest import scene
+
+    labels = ["wall", "grass", "sky"]
+    torch.manual_seed(0)
+    net = StudentNet(StudentConfig(), vit_segmenter.text_embeddings(labels))
+    student = StudentSegmenter(vit_segmenter, StudentCheckpoint(net.eval(), labels, [[c] for c in labels], {}))
+    image = scene(70, 110, seed=4)
+    result, state = student.segment_with_state(image)
+    np.testing.assert_array_equal(result.label_map, student.segment(image).label_map)
+    assert state.labels == tuple(labels) and state.probs.shape[0] == 3
+    assert state.features.shape[1:] == state.probs.shape[1:] == state.keys.shape[1:]
+    mask = interactive_mask(state, Prompts(positive=((50.0, 35.0),), label=2)).mask
+    assert mask.shape == (70, 110) and mask[35, 50]
+
+
+@pytest.mark.parametrize("shape", [(28, 42, 448, 672), (4, 6, 70, 110), (5, 7, 50, 77), (3, 3, 9, 1000)])
+def test_the_cropped_upsampling_matches_bilinear_interpolation(shape: tuple[int, int, int, int]) -> None:
+    from maskclip_engine.interactive import upsample_mask
+
+    rows, cols, height, width = shape
+    score = torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows))
+    score[score < 0.75] = 0  # a few objects: the crop is smaller than the image
+    expected = torch.nn.functional.interpolate(score[None, None], size=(height, width), mode="bilinear")[0, 0] >= 0.5
+    assert torch.equal(upsample_mask(score, (height, width), 0.5), expected)
+    assert not upsample_mask(torch.zeros(rows, cols), (height, width), 0.5).any()
