@@ -6,6 +6,7 @@ group, so this module stays free of server and queue code.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from .config import DENSE_MODES, MODES, PRECISIONS, SegmentOptions
+from .config import DENSE_MODES, KS_VARIANTS, MODES, PRECISIONS, SLIDE_REFINES, SegmentOptions
 from .errors import MaskClipError
 from .evaluation import (
     BACKGROUNDS,
@@ -84,6 +85,68 @@ def model_options(func):
     return func
 
 
+def refinement_options(func):
+    """Refinement variants and PAMR; the command receives them as one ``refinement`` dict of SegmentOptions fields.
+
+    Apply it right above the function, below every other option.
+    """
+    defaults = SegmentOptions()
+    options = [
+        click.option(
+            "--ks-variant",
+            type=click.Choice(KS_VARIANTS),
+            default=defaults.key_smoothing_variant,
+            show_default=True,
+            help="Key smoothing: the paper's per-location cosine, or as MaskCLIP's released code computes it.",
+        ),
+        click.option(
+            "--ks-threshold",
+            type=float,
+            default=defaults.ks_threshold,
+            show_default=True,
+            help="Released key smoothing changes only locations whose top probability is below this.",
+        ),
+        click.option(
+            "--slide-refine",
+            type=click.Choice(SLIDE_REFINES),
+            default=defaults.slide_refine,
+            show_default=True,
+            help="Slide mode: refine once over the averaged windows, or inside each window and average "
+            "the outputs (mmseg's slide inference).",
+        ),
+        click.option(
+            "--pamr/--no-pamr",
+            default=defaults.pamr,
+            show_default=True,
+            help="Move mask edges to the image's colour edges (pixel-adaptive refinement).",
+        ),
+        click.option("--pamr-iterations", type=int, default=defaults.pamr_iterations, show_default=True),
+        click.option(
+            "--pamr-stride",
+            type=int,
+            default=defaults.pamr_stride,
+            show_default=True,
+            help="PAMR works on a grid of this many pixels of the resized image.",
+        ),
+    ]
+
+    @functools.wraps(func)
+    def command(*args, ks_variant, ks_threshold, slide_refine, pamr, pamr_iterations, pamr_stride, **kwargs):
+        refinement = {
+            "key_smoothing_variant": ks_variant,
+            "ks_threshold": ks_threshold,
+            "slide_refine": slide_refine,
+            "pamr": pamr,
+            "pamr_iterations": pamr_iterations,
+            "pamr_stride": pamr_stride,
+        }
+        return func(*args, refinement=refinement, **kwargs)
+
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--labels", required=True, help='Labels, comma-separated; synonyms with "|": "cat,dog|puppy,grass".')
@@ -116,6 +179,7 @@ def model_options(func):
     required=True,
     help="Folder for the label maps, overlays and JSON summaries.",
 )
+@refinement_options
 def segment(
     source: Path,
     labels: str,
@@ -133,6 +197,7 @@ def segment(
     pd_threshold: float,
     bg_threshold: float,
     out_dir: Path,
+    refinement: dict,
 ) -> None:
     """Segment an image, or every image in a folder, into LABELS.
 
@@ -151,6 +216,7 @@ def segment(
             prompt_denoising=not no_prompt_denoising,
             pd_threshold=pd_threshold,
             bg_threshold=bg_threshold,
+            **refinement,
         )
     except MaskClipError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -221,6 +287,7 @@ def segment(
     show_default=True,
     help="The JSON report.",
 )
+@refinement_options
 def evaluate(
     data: Path,
     model: str,
@@ -241,6 +308,7 @@ def evaluate(
     logit_scale: float,
     limit: int | None,
     out_file: Path,
+    refinement: dict,
 ) -> None:
     """mIoU, per-class IoU and pixel accuracy on a dataset in PASCAL VOC layout."""
     try:
@@ -252,6 +320,7 @@ def evaluate(
             crop=crop,
             stride=stride,  # type: ignore[arg-type]
             logit_scale=logit_scale,
+            **refinement,
         )
         parsed = [EvalConfig.parse(text) for text in configs] or [EvalConfig("default")]
         segmenter = Segmenter.from_pretrained(model, pretrained, device, precision, options=options)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .config import KS_VARIANTS
 from .errors import InvalidOptionError
 from .images import decode_image
 from .metrics import Scores, confusion_matrix, scores
@@ -67,22 +68,44 @@ class EvalConfig:
 
     @classmethod
     def parse(cls, text: str) -> EvalConfig:
-        """``"name=sclip+ks,dense_mode=sclip,key_smoothing=true"`` or ``"student=/models/v3.pt"``."""
+        """``"name=sclip+ks,dense_mode=sclip,key_smoothing=true"`` or ``"student=/models/v3.pt"``.
+
+        Bare words are shorthands: a dense mode (``sclip``), a key-smoothing
+        variant (``cosine``, ``released``), ``window`` (per-window slide
+        refinement), ``pamr`` and ``no-pamr``; ``ks_variant`` stands for
+        ``key_smoothing_variant``. ``"released,window,pamr"`` thus scores the
+        released key smoothing, refined per window, with PAMR.
+        """
         options: dict[str, Any] = {}
         name = student = None
         for part in filter(None, (p.strip() for p in text.split(","))):
             key, sep, value = part.partition("=")
+            key = key.strip()
             if not sep:
-                options["dense_mode"] = key  # a bare mode name: "sclip"
+                options.update(_shorthand(key))
                 continue
             if key == "name":
                 name = value
             elif key == "student":
                 student = value
             else:
-                options[key] = _value(value)
+                options[_ALIASES.get(key, key)] = _value(value)
         label = name or (f"student:{Path(student).stem}" if student else _describe(options))
         return cls(label, options, student)
+
+
+_ALIASES = {"ks_variant": "key_smoothing_variant"}
+
+
+def _shorthand(word: str) -> dict[str, Any]:
+    if word in KS_VARIANTS:
+        return {"key_smoothing_variant": word}
+    if word == "window":
+        return {"slide_refine": "window"}
+    if word in ("pamr", "no-pamr"):
+        return {"pamr": word == "pamr"}
+    # Anything else is read as a dense mode; SegmentOptions names the valid ones if it is not.
+    return {"dense_mode": word}
 
 
 def _value(text: str) -> Any:
