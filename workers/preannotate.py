@@ -9,6 +9,7 @@ which another worker takes over once its lease expires.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -51,7 +52,10 @@ def _predictor(settings: Settings) -> Predictor:
     with _predictors_lock:
         predictor = _predictors.get(id(segmenter))
         if predictor is None:
-            predictor = _predictors[id(segmenter)] = Predictor(segmenter, settings)
+            # No annotator clicks on a worker's images: keeping their dense state for smart tools would only
+            # hold memory, and batches go through the model faster without it.
+            without_cache = dataclasses.replace(settings, feature_cache_mb=0)
+            predictor = _predictors[id(segmenter)] = Predictor(segmenter, without_cache)
         return predictor
 
 
