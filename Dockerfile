@@ -16,6 +16,11 @@ COPY backend backend
 COPY workers workers
 RUN pip install ".[server,worker]"
 
+# The services run as an unprivileged user that owns only /data (models, caches, the embedded queue).
+RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin maskclip \
+    && mkdir -p /data/models /data/cache && chown -R maskclip:maskclip /data
+USER maskclip
+
 ENV MODEL_DIR=/data/models MASKCLIP_CACHE_DIR=/data/cache MASKCLIP_HOST=0.0.0.0 MASKCLIP_PORT=9090
 EXPOSE 9090
 CMD ["gunicorn", "--workers", "1", "--threads", "4", "--timeout", "600", "--bind", "0.0.0.0:9090", "backend.app:create_app()"]

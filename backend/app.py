@@ -21,6 +21,7 @@ from ls_integration.errors import (
     UnsupportedLabelConfigError,
 )
 from ls_integration.host_pin import HostPin
+from ls_integration.ids import is_id
 from ls_integration.interactive import context_regions
 from ls_integration.label_config import SchemaCache
 from ls_integration.metrics import CONTENT_TYPE, Metrics
@@ -55,11 +56,15 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         g.started = time.perf_counter()
         if request.path in OPEN_ROUTES or not settings.basic_auth_user:
             return None
-        auth = request.authorization
+        try:
+            auth = request.authorization
+        except (ValueError, UnicodeError):  # a header that is not base64 of UTF-8: no credentials
+            auth = None
+        # Compared as UTF-8 bytes: compare_digest refuses non-ASCII str, and a password may hold any character.
         if (
             auth is None
-            or not hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            or not hmac.compare_digest(auth.password or "", settings.basic_auth_pass or "")
+            or not hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+            or not hmac.compare_digest((auth.password or "").encode(), (settings.basic_auth_pass or "").encode())
         ):
             return Response(
                 '{"error": "authentication required: set the same basic-auth user and password in Label Studio"}',
@@ -228,7 +233,7 @@ class TrainingQueue:
         return self._connection
 
     def enqueue(self, project: str, trigger: str) -> dict[str, Any]:
-        if not str(project).isdigit():
+        if not is_id(str(project)):
             raise BadRequestError(f"project {project!r} is not a Label Studio project id.")
         link = self.predictor.project_link(project)
         kwargs = {}
@@ -256,7 +261,7 @@ class TrainingQueue:
         project_id = _project_id(project.get("id") if isinstance(project, dict) else project)
         tasks = body.get("tasks") if isinstance(body.get("tasks"), list) else []
         ids = [t.get("id") if isinstance(t, dict) else t for t in tasks]
-        ids = [int(t) for t in ids if isinstance(t, int) or (isinstance(t, str) and t.isdigit())]
+        ids = [int(t) for t in ids if is_id(t)]
         if not ids:
             return {"status": "ignored", "action": "TASKS_CREATED", "reason": "no task ids in the payload"}
         try:
@@ -289,7 +294,7 @@ class TrainingQueue:
             log.warning("pre-annotation progress is missing from /metrics: %s", exc)
 
     def count_annotation(self, project: str) -> bool:
-        if self.settings.train_every <= 0 or not str(project).isdigit():
+        if self.settings.train_every <= 0 or not is_id(str(project)):
             return False
         try:
             return count_annotation(self.connection(), int(project), self.settings.train_every)
@@ -311,6 +316,6 @@ def _project_id(value: Any, required: bool = True) -> str | None:
             raise BadRequestError("the body needs 'project'.")
         return None
     project = str(value).split(".", 1)[0]
-    if not project.isdigit():
+    if not is_id(project):
         raise BadRequestError(f"project {value!r} is not a Label Studio project id.")
     return project

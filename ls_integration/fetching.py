@@ -21,6 +21,7 @@ from maskclip_engine import InvalidImageError
 from maskclip_engine.images import decode_image
 
 from .errors import ImageFetchError, ImageHostUnreachableError
+from .ids import is_id
 from .label_studio import LabelStudioAuth, host_allowed, origin
 from .retrying import retrying_session
 from .settings import Settings
@@ -56,6 +57,8 @@ class ImageFetcher:
         if url.startswith(_CLOUD_SCHEMES):
             if task_id is None:
                 raise ImageFetchError(f"{url} is in cloud storage and needs a task id to be presigned.")
+            if not is_id(task_id if isinstance(task_id, int) else str(task_id)):  # it becomes part of an API path
+                raise ImageFetchError(f"task id {str(task_id)[:40]!r} is not a Label Studio task id.")
             presign = base64.urlsafe_b64encode(url.encode()).decode()
             return self._download(f"/tasks/{task_id}/presign/?fileuri={presign}")
         local = self._local_file(url)

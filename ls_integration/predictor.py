@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -79,7 +80,8 @@ class Predictor:
             else None
         )
         self.registry = ModelRegistry(settings.model_dir)
-        self._students: dict[Path, tuple[float, StudentSegmenter]] = {}
+        # Loaded students, least recently used first; at most settings.student_cache_size stay in memory.
+        self._students: OrderedDict[Path, tuple[float, StudentSegmenter]] = OrderedDict()
         self.projects = ProjectStore(settings.model_dir)  # shared by every replica and worker
         self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
         self._lock = threading.Lock()
@@ -140,13 +142,17 @@ class Predictor:
         mtime = version.checkpoint.stat().st_mtime
         with self._lock:
             cached = self._students.get(version.checkpoint)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
+            if cached is not None and cached[0] == mtime:
+                self._students.move_to_end(version.checkpoint)
+                return cached[1]
         student = StudentSegmenter(
             self.segmenter, StudentCheckpoint.load(version.checkpoint, self.segmenter.clip.device)
         )
         with self._lock:
             self._students[version.checkpoint] = (mtime, student)
+            self._students.move_to_end(version.checkpoint)
+            while len(self._students) > self.settings.student_cache_size:
+                self._students.popitem(last=False)
         return student
 
     def project_version(self, project: str | None, schema: ProjectSchema | None) -> str:
