@@ -78,9 +78,12 @@ def context_regions(context: Any) -> list[dict] | None:
 def parse_gestures(regions: Sequence[Any], schema: ProjectSchema) -> Gestures | None:
     """The prompts on the first image that has an output control; ``None`` when there are none."""
     gestures: Gestures | None = None
+    smart = {control.from_name for control in schema.smart}
     for region in regions:
         if not isinstance(region, dict) or region.get("type") not in GESTURE_TYPES:
             continue
+        if region.get("from_name") not in smart:
+            continue  # a plain (not smart) keypoint or box is an annotation, not a prompt
         to_name = region.get("to_name")
         value = region.get("value")
         if not isinstance(value, dict) or not isinstance(to_name, str) or schema.output_for(to_name) is None:

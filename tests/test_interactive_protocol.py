@@ -226,6 +226,16 @@ def test_an_empty_context_gets_one_prediction_without_regions(client) -> None:
         assert len(reply.json["results"]) == 1 and reply.json["results"][0]["result"] == []
 
 
+def test_plain_keypoints_and_boxes_are_annotations_not_prompts(client) -> None:
+    config = CONFIG.replace(
+        '<RectangleLabels name="box" toName="image" smart="true">', '<RectangleLabels name="box" toName="image">'
+    )
+    reply = interactive(client, {"result": [rectangle(50.0, 10.0, 40.0, 50.0)]}, config)
+    assert reply.status_code == 200 and reply.json["results"][0]["result"] == []
+    other = rectangle(50.0, 10.0, 40.0, 50.0, from_name="somewhere")
+    assert interactive(client, {"result": [other]}).json["results"][0]["result"] == []
+
+
 def test_bad_contexts_get_clear_errors(client) -> None:
     reply = interactive(client, {"result": "not a list"})
     assert reply.status_code == 400 and "context.result" in reply.json["error"]
