@@ -152,34 +152,42 @@ def window_output(logits: torch.Tensor, refined: Refined, key_smoothed: bool) ->
 
 
 def average_windows(
-    windows: Sequence[tuple[tuple[int, int, int, int], Refined, torch.Tensor]], size: tuple[int, int]
+    windows: Sequence[tuple[tuple[int, int, int, int], Refined, torch.Tensor]],
+    size: tuple[int, int],
+    logit_scale: float | None = None,
 ) -> Refined:
     """Per-window refinements averaged over an image of ``size`` (h, w) pixels, as mmseg's slide inference does.
 
     Each window is ``((top, left, height, width), refined, output)``: its output
-    (:func:`window_output`) and probabilities are upsampled bilinearly to the
-    window's pixels, summed and divided by how many windows cover each pixel.
-    Labels follow the averaged outputs; probabilities (confidence, background
-    threshold) are the averaged window probabilities. A class counts as kept if
-    any window kept it; rows are returned for kept classes only.
+    (:func:`window_output`) is upsampled bilinearly to the window's pixels,
+    summed and divided by how many windows cover each pixel; labels follow
+    these averaged outputs. Probabilities (confidence, background threshold):
+    when the outputs are logits (no key smoothing; pass ``logit_scale``), the
+    softmax of the averaged logits, as the training-free evaluation harnesses
+    compute it; otherwise the windows' probabilities averaged the same way. A
+    class counts as kept if any window kept it; rows are returned for kept
+    classes only.
     """
     kept = torch.stack([refined.kept for _, refined, _ in windows]).any(dim=0)
     index = torch.nonzero(kept).flatten()
     shared = all(output is refined.probs for _, refined, output in windows)
+    averaged_probs = not shared and logit_scale is None
     device = windows[0][1].probs.device
     outputs = torch.zeros((len(index), *size), device=device)
-    probs = outputs if shared else torch.zeros_like(outputs)
+    probs = torch.zeros_like(outputs) if averaged_probs else outputs
     count = torch.zeros(size, device=device)
     for (top, left, height, width), refined, output in windows:
         cells = (slice(None), slice(top, top + height), slice(left, left + width))
         outputs[cells] += _resize(output[index], (height, width))
-        if not shared:
+        if averaged_probs:
             probs[cells] += _resize(refined.probs[index], (height, width))
         count[cells[1:]] += 1
     count = count.clamp_min(1)
     outputs /= count
     if shared:
         return Refined(probs=outputs, kept=kept)
+    if logit_scale is not None:
+        return Refined(probs=torch.softmax(outputs * logit_scale, dim=0), kept=kept, scores=outputs)
     return Refined(probs=probs / count, kept=kept, scores=outputs)
 
 

@@ -298,7 +298,7 @@ class Segmenter:
     ) -> SegmentationResult:
         if canvas.windows:
             size = (canvas.count.shape[0] * self.stride, canvas.count.shape[1] * self.stride)
-            refined = average_windows(canvas.windows, size)
+            refined = average_windows(canvas.windows, size, None if opts.key_smoothing else opts.logit_scale)
         else:
             count = canvas.count.clamp_min(1)
             refined = self._refine(canvas.logits / count, canvas.keys / count, opts)

@@ -96,8 +96,13 @@ def test_background_threshold_reads_probabilities_under_the_released_variant() -
     assert result.confidence[0].tolist() == pytest.approx([0.8, 0.6])
 
 
-def mmseg_slide(segmenter: Segmenter, image: np.ndarray, opts: SegmentOptions, released: bool) -> np.ndarray:
-    """Labels by mmseg's slide inference with the released head (or the paper's cosine KS), step by step."""
+def mmseg_slide(
+    segmenter: Segmenter, image: np.ndarray, opts: SegmentOptions, released: bool, averaged: bool = False
+) -> np.ndarray | torch.Tensor:
+    """Labels by mmseg's slide inference with the released head (or the paper's cosine KS), step by step.
+
+    With ``averaged``, the averaged head outputs ``[C, H, W]`` at the resized image's size instead.
+    """
     s = segmenter.stride
     height = round(image.shape[0] * opts.short_side / min(image.shape[:2]) / s) * s
     width = round(image.shape[1] * opts.short_side / min(image.shape[:2]) / s) * s
@@ -124,6 +129,8 @@ def mmseg_slide(segmenter: Segmenter, image: np.ndarray, opts: SegmentOptions, r
             out = F.interpolate(out, size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)
             preds += F.pad(out, (x1, width - x2, y1, height - y2))[0]
             count[:, y1:y2, x1:x2] += 1
+    if averaged:
+        return preds / count
     preds = F.interpolate((preds / count)[None], size=image.shape[:2], mode="bilinear", align_corners=False)
     return F.softmax(preds, dim=1).argmax(1)[0].numpy()
 
@@ -157,8 +164,11 @@ def test_window_refinement_without_smoothing_averages_logits(vit_segmenter: Segm
     result = vit_segmenter.segment(image, LABELS, **opts.to_dict())
     reference = mmseg_slide(vit_segmenter, image, opts.replace(ks_threshold=0.0), released=True)
     np.testing.assert_array_equal(result.label_map, reference)
-    # Confidence is the averaged window probability of the chosen label: a probability.
-    assert result.confidence.min() >= 0 and result.confidence.max() <= 1 + 1e-6
+    # Confidence is the softmax of the averaged logits (the image is its own resized size here, so no
+    # final resampling), as the training-free harnesses threshold background.
+    averaged = mmseg_slide(vit_segmenter, image, opts.replace(ks_threshold=0.0), released=True, averaged=True)
+    expected = torch.softmax(averaged * opts.logit_scale, dim=0).amax(0).numpy()
+    np.testing.assert_allclose(result.confidence, expected, atol=1e-5)
 
 
 def test_variant_options_are_checked() -> None:
