@@ -99,7 +99,8 @@ def parse_gestures(regions: Sequence[Any], schema: ProjectSchema) -> Gestures | 
             (gestures.positive if positive else gestures.negative).append(point)
         elif kind == "rectanglelabels":
             x, y = _number(value, "x"), _number(value, "y")
-            gestures.box = (x, y, x + _number(value, "width"), y + _number(value, "height"))
+            x2, y2 = x + _number(value, "width"), y + _number(value, "height")
+            gestures.box = (min(x, x2), min(y, y2), max(x, x2), max(y, y2))
         else:
             texts = value.get("text")
             text = texts[0] if isinstance(texts, list) and texts else texts

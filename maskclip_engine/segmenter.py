@@ -171,42 +171,23 @@ class Segmenter:
         rgb = to_rgb_array(image)
         text = self.text.embed(labelset.prompts).to(self.clip.device)
         owner = torch.tensor(labelset.owner, device=self.clip.device)
+        record: list = []
+        canvas = self._encode([rgb], text, owner, len(labelset), opts, record=record)[0]
+        result = self._finish(rgb.shape[:2], canvas, labelset, opts)
+        # The state averages windows on the grid whatever the slide refinement: one map per image.
         s = self.stride
-        height, width = resized_shape(*rgb.shape[:2], opts.short_side, opts.max_long_side, s)
-        pixels = self.normalize(rgb, (height, width))
-        if opts.mode == "whole":
-            windows = [(0, 0, height, width)]
-        else:
-            wh, ww = min(opts.crop, height), min(opts.crop, width)
-            windows = [
-                (t, left, wh, ww)
-                for t in window_starts(height, wh, opts.stride)
-                for left in window_starts(width, ww, opts.stride)
-            ]
+        count = torch.zeros(canvas.count.shape, device=canvas.count.device)
         sums: dict[str, torch.Tensor] = {}
-        count = torch.zeros(height // s, width // s, device=self.clip.device)
-        for start in range(0, len(windows), opts.batch_size):
-            chunk = windows[start : start + opts.batch_size]
-            batch = torch.stack([pixels[:, t : t + wh, left : left + ww] for t, left, wh, ww in chunk])
-            features, keys = self.dense_features_and_keys(batch, opts.dense_mode)
-            logits = self._label_logits(features, text, owner, len(labelset))
-            for i, (t, left, wh, ww) in enumerate(chunk):
-                cells = (slice(t // s, (t + wh) // s), slice(left // s, (left + ww) // s))
-                for name, value in (("features", features), ("keys", keys), ("logits", logits)):
+        for windows, *maps in record:
+            for i, w in enumerate(windows):
+                cells = (slice(w.top // s, (w.top + w.height) // s), slice(w.left // s, (w.left + w.width) // s))
+                for name, value in zip(("features", "keys", "logits"), maps):
                     if name not in sums:
-                        sums[name] = value.new_zeros((value.shape[1], height // s, width // s))
+                        sums[name] = value.new_zeros((value.shape[1], *count.shape))
                     sums[name][(slice(None), *cells)] += value[i]
                 count[cells] += 1
         mean = {name: value / count.clamp_min(1) for name, value in sums.items()}
-        result = self._finish(rgb.shape[:2], _Canvas(sums["logits"], sums["keys"], count), labelset, opts)
-        refined = refine(
-            mean["logits"],
-            mean["keys"],
-            logit_scale=opts.logit_scale,
-            prompt_denoise=opts.prompt_denoising,
-            pd_threshold=opts.pd_threshold,
-            key_smooth=opts.key_smoothing,
-        )
+        refined = self._refine(mean["logits"], mean["keys"], opts)
         state = DenseState(
             features=mean["features"].float().cpu(),
             keys=mean["keys"].float().cpu(),
@@ -231,9 +212,18 @@ class Segmenter:
                     )
 
     def _encode(
-        self, arrays: list[np.ndarray], text: torch.Tensor, owner: torch.Tensor, num_labels: int, opts: SegmentOptions
+        self,
+        arrays: list[np.ndarray],
+        text: torch.Tensor,
+        owner: torch.Tensor,
+        num_labels: int,
+        opts: SegmentOptions,
+        record: list | None = None,
     ) -> list[_Canvas]:
-        """Run every window of every image through the model and accumulate label logits on each grid."""
+        """Run every window of every image through the model and accumulate label logits on each grid.
+
+        ``record`` (for :meth:`segment_with_state`) receives each batch's windows, features, keys and logits.
+        """
         s = self.stride
         per_window = opts.mode == "slide" and opts.slide_refine == "window"
         resized, canvases, groups = [], [], defaultdict(list)
@@ -261,6 +251,8 @@ class Segmenter:
                 )
                 features, keys = self.dense_features_and_keys(pixels, opts.dense_mode)
                 logits = self._label_logits(features, text, owner, num_labels)
+                if record is not None:
+                    record.append((chunk, features, keys, logits))
                 for w, window_logits, window_keys in zip(chunk, logits, keys):
                     if canvases[w.image] is None:
                         grid = (resized[w.image].shape[1] // s, resized[w.image].shape[2] // s)

@@ -212,13 +212,17 @@ def test_cache_is_safe_under_threads() -> None:
 
 
 # --------------------------------------------------------------------- the segmenter's dense state
-@pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, mode: str) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [{"mode": "whole"}, {"mode": "slide"}, {"mode": "slide", "slide_refine": "window"}, {"pamr": True}],
+    ids=["whole", "slide", "slide-window", "pamr"],
+)
+def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra: dict) -> None:
     from tests.conftest import scene
 
     image = scene(70, 110, seed=3)
     labels = ["wall", "grass", "sky"]
-    options = {"short_side": 64, "mode": mode, "crop": 64, "stride": 32}
+    options = {"short_side": 64, "crop": 64, "stride": 32, **extra}
     expected = vit_segmenter.segment(image, labels, **options)
     result, state = vit_segmenter.segment_with_state(image, labels, **options)
     np.testing.assert_array_equal(result.label_map, expected.label_map)
