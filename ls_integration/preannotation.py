@@ -68,7 +68,7 @@ if redis.call('llen', state .. ':extra') > 0 then
 end
 if redis.call('get', KEYS[2]) == ARGV[1] then redis.call('del', KEYS[2]) end
 redis.call('hset', state, 'phase', 'done', 'finished', ARGV[2])
-for _, suffix in ipairs({'', ':todo', ':chunks', ':leases', ':extra', ':planned'}) do
+for _, suffix in ipairs({'', ':todo', ':chunks', ':leases', ':extra', ':planned', ':attempts'}) do
   redis.call('expire', state .. suffix, ARGV[3])
 end
 return 'done'

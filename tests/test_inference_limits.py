@@ -80,7 +80,10 @@ def test_concurrent_requests_take_turns_on_the_device(settings, predictor, big_i
 
 
 def test_a_large_request_holds_one_batch_of_images_at_a_time(
-    settings, predictor, big_images, monkeypatch  # noqa: F811
+    settings,  # noqa: F811
+    predictor,  # noqa: F811
+    big_images,
+    monkeypatch,
 ) -> None:
     batched = dataclasses.replace(settings, predict_batch=8)
     bounded = Predictor(predictor.segmenter, batched, Metrics())

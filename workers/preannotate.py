@@ -36,6 +36,7 @@ from .context import shared_segmenter
 log = logging.getLogger(__name__)
 
 MAX_WORK_JOBS = 32  # work jobs queued per planning round; each takes chunks until none are left
+MAX_ATTEMPTS = 3  # a chunk that fails this often (Label Studio refusing the import, say) is given up
 _LIST_PAGE = 100
 
 _predictors: dict[int, Predictor] = {}
@@ -223,7 +224,11 @@ def work_run(project: int, run: str) -> dict[str, Any]:
             time.sleep(min(1.0, lease_s / 4))
             continue
         waited_since = None
-        _work_chunk(ctx, chunk, owner)
+        try:
+            _work_chunk(ctx, chunk, owner)
+        except Exception:  # Label Studio or Redis failed mid-chunk: another attempt, here or elsewhere
+            log.exception("run %s: chunk %s failed", run, chunk)
+            _give_back(ctx, chunk, owner)
         _update_job(runs.state(ctx.connection, run))
     state = runs.state(ctx.connection, run)
     outcome = runs.try_finish(ctx.connection, run, project, state.get("version_key", runs.CURRENT))
@@ -282,6 +287,25 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
     finally:
         stop.set()
     runs.renew(ctx.connection, ctx.run, chunk, owner, None)
+
+
+def _give_back(ctx: RunContext, chunk: str, owner: str) -> None:
+    """Return a failed chunk to the queue; after ``MAX_ATTEMPTS`` its tasks count as failed (a later run retries)."""
+    key = runs.state_key(ctx.run)
+    attempts = int(ctx.connection.hincrby(key + ":attempts", chunk, 1))
+    if not runs.renew(ctx.connection, ctx.run, chunk, owner, None):
+        return  # another worker has it already
+    if attempts < MAX_ATTEMPTS:
+        ctx.connection.rpush(key + ":todo", chunk)
+        return
+    tasks = json.loads(ctx.connection.hget(key + ":chunks", chunk) or b"[]")
+    log.error(
+        "run %s: chunk %s failed %d times; its %d tasks are left for a later run", ctx.run, chunk, attempts, len(tasks)
+    )
+    with ctx.connection.pipeline() as pipe:
+        pipe.hincrby(key, "done", len(tasks))
+        pipe.hincrby(key, "failed", len(tasks))
+        pipe.execute()
 
 
 def _versions(client: LabelStudio, task_id: int) -> set[str]:

