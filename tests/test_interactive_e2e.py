@@ -30,7 +30,12 @@ WIDTH, HEIGHT = 150, 100
 @pytest.fixture(scope="module")
 def interactive_backend(label_studio: LabelStudio, documents: Path, tiny_vit, tmp_path_factory: pytest.TempPathFactory):
     env = backend_env(
-        tiny_vit, label_studio, documents, tmp_path_factory.mktemp("smart-cache"), MASKCLIP_SHORT_SIDE="64"
+        tiny_vit,
+        label_studio,
+        documents,
+        tmp_path_factory.mktemp("smart-cache"),
+        MASKCLIP_SHORT_SIDE="64",
+        MODEL_DIR=str(tmp_path_factory.mktemp("smart-models")),
     )
     server = Backend(env, tmp_path_factory.mktemp("smart-backend") / "backend.log")
     yield server
