@@ -22,8 +22,9 @@ from .augment import AugmentConfig, augment
 from .dense import dense_features
 from .errors import InvalidOptionError
 from .metrics import Scores, confusion_matrix, scores
+from .pamr import refine_against_image
 from .prompts import LabelSet
-from .refinement import refine
+from .result import upsample_argmax
 from .segmenter import Segmenter
 from .student import StudentConfig, StudentNet
 
@@ -85,7 +86,12 @@ class Teacher(Protocol):
 
 
 class MaskClipTeacher:
-    """MaskCLIP with the segmenter's options (key smoothing, prompt denoising, background threshold)."""
+    """MaskCLIP as ``segment`` runs it, with the segmenter's options, on each training crop as one window.
+
+    Refinement (prompt denoising, either key-smoothing variant, PAMR against the
+    crop) and the labelling step (argmax of the upsampled maps, the background
+    threshold on the upsampled probability) are ``segment``'s own functions.
+    """
 
     needs_clip = True
 
@@ -98,21 +104,18 @@ class MaskClipTeacher:
     def pseudo_labels(self, batch: Batch) -> torch.Tensor:
         opts = self.segmenter.options
         logits = self.segmenter._label_logits(batch.clip_features, self.text, self.owner, len(self.labels))
+        shape = tuple(batch.pixels.shape[-2:])
         out = []
-        for sample_logits, keys in zip(logits, batch.clip_keys):
-            refined = refine(
-                sample_logits,
-                keys,
-                logit_scale=opts.logit_scale,
-                prompt_denoise=opts.prompt_denoising,
-                pd_threshold=opts.pd_threshold,
-                key_smooth=opts.key_smoothing,
-            )
-            probs = F.interpolate(
-                refined.probs[None], size=batch.pixels.shape[-2:], mode="bilinear", align_corners=False
-            )[0]
-            confidence, label = probs.max(dim=0)
-            out.append(torch.where(confidence >= opts.bg_threshold, label, IGNORE))
+        for sample_logits, keys, pixels in zip(logits, batch.clip_keys, batch.pixels):
+            refined = Segmenter._refine(sample_logits, keys, opts)
+            rows = torch.arange(len(self.labels), device=sample_logits.device)
+            if opts.pamr:
+                normalized = (pixels - self.segmenter._mean) / self.segmenter._std
+                refined = refine_against_image(refined, normalized, opts.pamr_iterations, opts.pamr_stride)
+                if refined.probs.shape[0] != len(rows):  # PAMR keeps only the classes denoising kept
+                    rows = torch.nonzero(refined.kept).flatten()
+            label, confidence = upsample_argmax(refined.probs, shape, refined.scores)
+            out.append(torch.where(confidence >= opts.bg_threshold, rows[label], IGNORE))
         return torch.stack(out)
 
 

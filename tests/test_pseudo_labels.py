@@ -126,3 +126,30 @@ def test_prompt_denoising_removes_a_label_that_is_never_confident(
     assert (plain[corner] == 2).all()
     assert (denoised[corner] == 0).all() and not (denoised == 2).any()
     np.testing.assert_array_equal(denoised, upsampled(grid))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"key_smoothing": False, "bg_threshold": 0.6},
+        {"key_smoothing_variant": "released"},
+        {"pamr": True, "pamr_iterations": 3, "key_smoothing": False},  # denoising drops blue box first
+    ],
+)
+def test_pseudo_labels_of_a_whole_image_are_what_segment_returns(vit_segmenter: Segmenter, options: dict) -> None:
+    """On a crop that is the whole image, the teacher's labels are ``segment``'s, under every option."""
+    from maskclip_engine.training import _clip_features
+    from tests.scenes import make_scene
+
+    image = make_scene(31, 64, 96)[0]
+    view = Segmenter(vit_segmenter.clip, SegmentOptions(short_side=64, **options), vit_segmenter.text)
+    expected = view.segment(image, LABELS).label_map
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
+    features, keys = _clip_features(view, pixels)
+    blank = torch.full((1, 64, 96), IGNORE)
+    batch = Batch(pixels, blank, blank, blank >= IGNORE, features, keys)
+    labels = MaskClipTeacher(view, LABELS).pseudo_labels(batch)[0].numpy()
+    assert len(np.unique(expected[expected >= 0])) >= 2  # a map worth comparing, not one label everywhere
+    np.testing.assert_array_equal(labels, expected)
+    assert (labels == IGNORE).any() == bool(options.get("bg_threshold"))
