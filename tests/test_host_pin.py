@@ -148,3 +148,21 @@ def test_concurrent_first_setups_agree_on_one_host(tmp_path) -> None:
     assert len(winners) == 1 and winners[0] == pinned_host(tmp_path)
     assert results.count("HostNotAllowedError") == 7
     assert [p.name for p in tmp_path.iterdir()] == ["label_studio_host.json"]  # no staged files left
+
+
+def test_a_worker_refuses_a_job_naming_another_host(monkeypatch, tiny_vit, listener, tmp_path) -> None:
+    HostPin(None, tmp_path).admit("http://127.0.0.1:1")  # pinned by an earlier /setup
+    for key, value in {
+        "MASKCLIP_MODEL": str(tiny_vit.config),
+        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
+        "MASKCLIP_DEVICE": "cpu",
+        "MODEL_DIR": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    from ls_integration.dataset import ProjectDataError
+    from workers.jobs import train_project
+
+    with pytest.raises(ProjectDataError, match="pinned"):
+        train_project(5, label_studio={"url": listener.url, "token": "x"})
+    assert listener.connections == []

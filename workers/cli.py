@@ -47,7 +47,8 @@ def worker(redis_url: str, queue_name: str, burst: bool, preload: bool, log_leve
         from .context import shared_segmenter
 
         shared_segmenter(settings)
-    connection = connect(redis_url)
+    # A worker waits out a Redis restart (about 15 s) rather than losing a finished job's result.
+    connection = connect(redis_url, retries=10)
     SimpleWorker([Queue(queue_name, connection=connection)], connection=connection).work(
         burst=burst, logging_level=log_level.upper()
     )
