@@ -1,10 +1,24 @@
-"""MaskCLIP's two training-free refinements, applied per image on the feature grid.
+"""MaskCLIP's two training-free refinements, applied per image (or window) on the feature grid.
 
 * Prompt denoising (PD): a class whose probability never reaches the threshold
   anywhere in the image is taken to be absent and removed.
 * Key smoothing (KS): each location's class probabilities become a
   key-similarity weighted sum of all locations' probabilities, so locations
   that the last attention layer sees as alike agree with each other.
+
+Two KS variants: ``cosine``, the paper's per-location cosine weights with the
+result renormalised to probabilities (the product's default), and
+``released``, what MaskCLIP's released code computes (keys normalised per
+channel over locations, raw ``W p`` where the top probability is below
+``ks_threshold``). Under every variant PD reads ``softmax(logit_scale *
+logits)`` and the background threshold reads a probability (see
+:func:`refine`). One deliberate difference from the released code: a class PD
+removed never wins a location; there it keeps score 0 and can win where every
+kept class's raw ``W p`` is negative.
+
+Slide inference either refines once on the windows' averaged logits and keys,
+or (:func:`average_windows`) refines inside each window and averages the
+windows' outputs at pixel resolution, as mmseg's ``slide_inference`` does.
 """
 
 from __future__ import annotations
