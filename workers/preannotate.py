@@ -181,12 +181,20 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
 
 def _tasks(ctx: RunContext, ids: list[int] | None):
     """``{"id", "data", "versions", "annotated"}`` for the project's tasks (or just ``ids``), page by page."""
-    pager = ctx.client.tasks.list(project=ctx.project, fields="all", page_size=_LIST_PAGE)
-    wanted = set(ids) if ids is not None else None
+    if ids is None:
+        pagers = [ctx.client.tasks.list(project=ctx.project, fields="all", page_size=_LIST_PAGE)]
+    else:  # just the named tasks (an import's), a few hundred per listing
+        pagers = [
+            ctx.client.tasks.list(
+                project=ctx.project,
+                query=json.dumps({"selectedItems": {"all": False, "included": ids[i : i + 500]}}),
+                fields="all",
+                page_size=_LIST_PAGE,
+            )
+            for i in range(0, len(ids), 500)
+        ]
     seen = 0
-    for task in pager:
-        if wanted is not None and task.id not in wanted:
-            continue
+    for task in (task for pager in pagers for task in pager):
         seen += 1
         if seen % _LIST_PAGE == 0:
             ctx.connection.hset(runs.state_key(ctx.run), "heartbeat", time.time())
@@ -264,7 +272,8 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
             if prediction["model_version"] != version:
                 log.warning("task %s: predicted by %s, not %s", task_id, prediction["model_version"], version)
         # Checked right before the import: another worker (or run) may have written the version meanwhile.
-        done_already = {t for t in ready if version in _versions(ctx.client, t)}
+        held = _versions(ctx, list(ready)) if ready else {}
+        done_already = {t for t in ready if version in held.get(t, set())}
         entries = [
             {"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
             for t, p in ready.items()
@@ -308,8 +317,11 @@ def _give_back(ctx: RunContext, chunk: str, owner: str) -> None:
         pipe.execute()
 
 
-def _versions(client: LabelStudio, task_id: int) -> set[str]:
-    return {_field(p, "model_version") for p in client.predictions.list(task=task_id)}
+def _versions(ctx: RunContext, task_ids: list[int]) -> dict[int, set[str]]:
+    """The prediction versions each task holds now, in one listing of just these tasks."""
+    query = json.dumps({"selectedItems": {"all": False, "included": task_ids}})
+    pager = ctx.client.tasks.list(project=ctx.project, query=query, fields="all", page_size=max(len(task_ids), 1))
+    return {task.id: {_field(p, "model_version") for p in task.predictions or []} for task in pager}
 
 
 def _finished(ctx: RunContext) -> None:
