@@ -116,3 +116,26 @@ def test_pamr_settings_from_the_environment_change_the_model_version(monkeypatch
     with pytest.raises(Exception, match="pamr_stride"):
         Settings.from_env()
     assert SegmentOptions().pamr is False
+
+
+def test_segment_command_takes_the_refinement_flags(tiny_vit, tmp_path, monkeypatch) -> None:
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from maskclip_engine.cli import main
+
+    monkeypatch.setenv("MASKCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    Image.fromarray(scene(80, 120, seed=5)).save(tmp_path / "photo.png")
+    model = ["--model", str(tiny_vit.config), "--pretrained", str(tiny_vit.state_dict)]
+    flags = ["--mode", "slide", "--crop", "48", "--stride", "32", "--short-side", "64"]
+    flags += ["--ks-variant", "released", "--slide-refine", "window", "--pamr", "--pamr-stride", "2"]
+    args = ["segment", str(tmp_path / "photo.png"), "--labels", "wall,grass", *model, "--out", str(tmp_path / "out")]
+    run = CliRunner().invoke(main, [*args, *flags])
+    assert run.exit_code == 0, run.output
+    options = json.loads((tmp_path / "out" / "photo.json").read_text())["options"]
+    assert options["key_smoothing_variant"] == "released" and options["slide_refine"] == "window"
+    assert options["pamr"] is True and options["pamr_stride"] == 2
+    bad = CliRunner().invoke(main, [*args, "--pamr-stride", "0"])
+    assert bad.exit_code == 2 and "pamr_stride" in bad.output
