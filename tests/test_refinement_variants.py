@@ -180,3 +180,15 @@ def test_variant_options_are_checked() -> None:
         SegmentOptions(ks_threshold=1.5)
     with pytest.raises(InvalidOptionError, match="pamr"):
         SegmentOptions(pamr="yes")  # type: ignore[arg-type]
+
+
+def test_whole_image_released_smoothing_through_segment(vit_segmenter: Segmenter) -> None:
+    image = scene(64, 96, seed=6)
+    opts = vit_segmenter.options.replace(short_side=64, key_smoothing_variant="released")
+    result = vit_segmenter.segment(image, LABELS, **opts.to_dict())
+    pixels = vit_segmenter.normalize(image, (64, 96))
+    features, keys = vit_segmenter.dense_features_and_keys(pixels[None])
+    logits = torch.einsum("bdhw,cd->bchw", F.normalize(features, dim=1), vit_segmenter.text_embeddings(LABELS))
+    out = released_head(logits, keys.flatten(2).transpose(1, 2), opts.pd_threshold, opts.ks_threshold)
+    up = F.interpolate(out, size=(64, 96), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_array_equal(result.label_map, up.argmax(0).numpy())
