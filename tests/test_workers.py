@@ -55,6 +55,7 @@ def env(monkeypatch, redis_server, tiny_vit, model_dir, documents, tmp_path_fact
         "MASKCLIP_TRAIN_ITERATIONS": "300",
         "MASKCLIP_TRAIN_CROP": "256",
         "MASKCLIP_TRAIN_LR": "0.05",
+        "MASKCLIP_GATE_MIN_PIXELS": "10000",  # half of one held-out 128x160 scene
         "MODEL_DIR": str(model_dir),
         "REDIS_URL": f"unix://{redis_server.socket_file}",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
@@ -151,7 +152,9 @@ def test_training_job_promotes_and_serves_a_student(
     assert job.get_status() == JobStatus.FINISHED, job.latest_result().exc_string
     result = job.return_value()
     assert result["promoted"], result
-    assert result["held_out_miou"] > result["baseline_miou"] and result["baseline"] == "maskclip"
+    # An absolute bar: MaskCLIP on the tiny random model is too weak a baseline to show learning.
+    assert result["held_out_miou"] >= 0.6 and result["baseline"] == "maskclip", result
+    assert result["held_out_pixels"] >= 10000
     meta = job.meta
     assert meta["phase"] == "done" and meta["step"] == meta["iterations"] == 300 and "loss" in meta
 
@@ -159,6 +162,9 @@ def test_training_job_promotes_and_serves_a_student(
     active = registry.active(project)
     assert active is not None and active.name == f"student-p{project}-v1" == result["version"]
     assert active.metrics["held_out_miou"] == result["held_out_miou"]
+    trained = StudentCheckpoint.load(active.checkpoint)
+    assert trained.options == Settings.from_env().segment and trained.dense_mode == "maskclip"
+    assert trained.prompts == [[c] for c in CLASSES]
 
     # Predictions for this project now come from the student; other projects are unaffected.
     client = create_app(Settings.from_env()).test_client()
@@ -203,7 +209,7 @@ def test_eval_project_scores_maskclip_and_the_active_student(with_label_studio, 
 
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"maskclip", active.name}
-    assert report["results"][active.name]["miou"] > report["results"]["maskclip"]["miou"]
+    assert report["results"][active.name]["miou"] >= 0.6  # not against MaskCLIP on random weights: too weak
 
 
 def test_a_killed_job_leaves_no_half_written_active_model(redis, with_label_studio, project, model_dir, env) -> None:
