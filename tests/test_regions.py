@@ -126,3 +126,9 @@ def test_polygon_results_are_in_percent() -> None:
     assert region["type"] == "polygonlabels" and region["value"]["polygonlabels"] == ["Box"]
     assert region["original_width"] == 200 and region["original_height"] == 50
     assert sorted(map(tuple, region["value"]["points"])) == [(25.0, 20.0), (25.0, 80.0), (75.0, 20.0), (75.0, 80.0)]
+
+
+def test_large_masks_are_traced_at_their_own_resolution_just_as_well() -> None:
+    mask = np.kron(blobs(3), np.ones((6, 6), dtype=bool))  # 900x1200: past the size traced at 2x
+    assert mask.size > 1_000_000
+    assert iou(rasterise(trace_polygons(mask), *mask.shape), fill_holes(mask)) >= 0.97
