@@ -20,7 +20,8 @@ Region logic, and why:
   where its features differ; where it does not (``r`` near 0), the label term
   fades out and affinity alone decides.
 * **The object under the click.** Of the locations scoring over the threshold,
-  only the connected pieces that hold a positive click are kept.
+  only the connected pieces that hold a positive click are kept, and the
+  clicked cell itself always belongs to the mask.
 * **Negative clicks** remove what is more like them than like the positive
   clicks (so one negative click removes a whole similar part).
 * **A box** restricts everything to its area (exactly, at pixel level) and
@@ -156,6 +157,13 @@ def interactive_mask(state: DenseState, prompts: Prompts, params: RegionParams |
     if seeds:
         score = torch.where(connected_to(score >= threshold, seeds), score, torch.zeros_like(score))
     mask = upsample_mask(score, (height, width), threshold)
+    rows, cols = state.grid
+    for row, col in seeds:
+        # Bilinear upsampling shrinks a one-cell object to half a cell; the clicked cell stays whole.
+        if score[row, col] >= threshold:
+            top, bottom = int(row * height / rows), int(np.ceil((row + 1) * height / rows))
+            left, right = int(col * width / cols), int(np.ceil((col + 1) * width / cols))
+            mask[top:bottom, left:right] = True
     if prompts.box is not None:
         mask &= _box_pixels(prompts.box, (height, width))
     grid_mask = score >= threshold

@@ -65,9 +65,9 @@ class StudentSegmenter:
             probs = torch.softmax(self.net(clip_features=features)[0].float(), dim=0)
         else:
             probs = student_probabilities(seg, self.net, rgb, self.dense_mode)
-        if tuple(probs.shape[1:]) != tuple(features.shape[2:]):
-            probs = F.interpolate(probs[None], size=features.shape[2:], mode="bilinear", align_corners=False)[0]
         result = result_from_probabilities(probs, rgb.shape[:2], self.labels, bg_threshold=bg_threshold)
+        if tuple(probs.shape[1:]) != tuple(features.shape[2:]):  # the result keeps the student's finer grid
+            probs = F.interpolate(probs[None], size=features.shape[2:], mode="bilinear", align_corners=False)[0]
         state = DenseState(
             features=features[0].cpu(),
             keys=keys[0].cpu(),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from maskclip_engine import Segmenter, SegmentOptions
 from maskclip_engine.feature_cache import CacheKey, FeatureCache, image_digest, options_digest
 from maskclip_engine.interactive import DenseState, Prompts, interactive_mask
 
@@ -236,15 +237,18 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra
     assert mask.shape == (70, 110) and mask[30, 20]
 
 
-def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter) -> None:
+@pytest.mark.parametrize("backbone", ["clip", "resnet50"])
+def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter, backbone: str) -> None:
     from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
     from maskclip_engine.student_segmenter import StudentSegmenter
     from tests.conftest import scene
 
     labels = ["wall", "grass", "sky"]
     torch.manual_seed(0)
-    net = StudentNet(StudentConfig(), vit_segmenter.text_embeddings(labels))
-    student = StudentSegmenter(vit_segmenter, StudentCheckpoint(net.eval(), labels, [[c] for c in labels], {}))
+    small = Segmenter(vit_segmenter.clip, SegmentOptions(short_side=64), vit_segmenter.text)
+    config = StudentConfig(backbone=backbone)
+    net = StudentNet(config, small.text_embeddings(labels), pretrained_backbone=False)
+    student = StudentSegmenter(small, StudentCheckpoint(net.eval(), labels, [[c] for c in labels], {}))
     image = scene(70, 110, seed=4)
     result, state = student.segment_with_state(image)
     np.testing.assert_array_equal(result.label_map, student.segment(image).label_map)
