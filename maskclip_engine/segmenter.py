@@ -155,6 +155,11 @@ class Segmenter:
         canvases = self._encode(arrays, text, owner, len(labelset), opts)
         return [self._finish(rgb.shape[:2], canvas, labelset, opts) for rgb, canvas in zip(arrays, canvases)]
 
+    def dense_state(self, image: Any, labels: Sequence[LabelInput], **options: Any) -> DenseState:
+        """One image's features, keys and label probabilities on its feature grid, with the image's size
+        and the grid's stride (the resized image is ``grid * stride``); see :meth:`segment_with_state`."""
+        return self.segment_with_state(image, labels, **options)[1]
+
     @torch.inference_mode()
     def segment_with_state(
         self, image: Any, labels: Sequence[LabelInput], **options: Any

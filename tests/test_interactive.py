@@ -235,6 +235,9 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra
     np.testing.assert_allclose(state.probs.sum(0).numpy(), 1.0, atol=1e-4)
     mask = interactive_mask(state, Prompts(positive=((20.0, 30.0),), label=1)).mask
     assert mask.shape == (70, 110) and mask[30, 20]
+    again = vit_segmenter.dense_state(image, labels, **options)
+    assert torch.allclose(again.features, state.features, atol=1e-5)
+    assert torch.allclose(again.probs, state.probs, atol=1e-5)
 
 
 @pytest.mark.parametrize("backbone", ["clip", "resnet50"])
