@@ -226,3 +226,32 @@ def test_a_promoted_student_replaces_proposals_and_the_project_shows_it(
     assert upcoming["id"] not in {t["id"] for t in annotated}
     assert len(found[upcoming["id"]]) == 2  # it holds MaskCLIP's and the student's proposals...
     assert [p["model_version"] for p in upcoming["predictions"]] == [student]  # ...and shows the student's
+
+
+def test_retrieve_predictions_asks_again_for_a_task_whose_image_failed(
+    label_studio: LabelStudio, backend: Backend, redis_server, documents: Path
+) -> None:
+    """/predict gives a failed task no prediction, so Label Studio stores none and asks again next time."""
+    redis_server.flushall()
+    project = new_project(label_studio, "retrieve after a broken image")
+    label_studio.api("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "MaskCLIP"})
+    names = make_images(documents, "pre-retrieve", 2) + ["pre-retrieve/late.png"]
+    tasks = import_images(label_studio, project, names)
+    ids = [t["id"] for t in tasks]
+
+    def retrieve() -> dict[int, list[str]]:
+        label_studio.api(
+            "POST",
+            "/api/dm/actions",
+            params={"id": "retrieve_tasks_predictions", "project": project},
+            json={"selectedItems": {"all": False, "included": ids}},
+        )
+        return versions_by_task(label_studio, project)
+
+    version = requests.get(f"{backend.url}/health", timeout=10).json()["model_version"]
+    first = retrieve()
+    assert [first[i] for i in ids] == [[version], [version], []]
+    image, _ = make_scene(9, SIDE, SIDE)
+    Image.fromarray(image).save(documents / "pre-retrieve" / "late.png")
+    second = retrieve()
+    assert [second[i] for i in ids] == [[version], [version], [version]]  # neighbours kept theirs, once
