@@ -49,7 +49,7 @@ class EmbeddedQueue:
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.folder = folder
+        self.folder = folder = folder.resolve()  # Redis changes into `dir` before it reads the other paths
         socket_path = folder / "redis.sock"
         if len(str(socket_path)) > 100:  # unix socket paths are limited to about 107 bytes
             socket_path = Path(tempfile.mkdtemp(prefix="maskclip-queue-")) / "redis.sock"

@@ -98,3 +98,15 @@ def test_health_reports_an_unreachable_queue_and_stays_up(settings, predictor, t
     health = client.get("/health").json
     assert health["status"] == "UP" and health["queue"]["redis"].startswith("unreachable")
     assert time.perf_counter() - started < 3
+
+
+def test_embedded_queue_under_a_relative_model_dir(monkeypatch, tmp_path) -> None:
+    from ls_integration.embedded import EmbeddedQueue
+
+    monkeypatch.chdir(tmp_path)  # MODEL_DIR=models, as the default is
+    queue = EmbeddedQueue(Path("models") / ".queue")
+    try:
+        assert queue.redis.ping() and queue.socket.is_absolute()
+    finally:
+        queue.stop()
+    assert queue.redis_server.poll() is not None and queue.worker.poll() is not None
