@@ -161,7 +161,9 @@ def test_two_replicas_on_one_redis_and_model_folder_agree(tiny_vit, tmp_path_fac
             assert prediction["result"] and prediction["model_version"] == setup.json()["model_version"]
             assert ("/data/upload/5/photo.png", "Token replica-token") in label_studio.seen
             webhook = {"action": "TASKS_CREATED", "project": {"id": 5}, "tasks": [{"id": 1}, {"id": 2}]}
+            started = time.perf_counter()
             queued = requests.post(f"{second.url}/webhook", json=webhook, timeout=5).json()
+            assert time.perf_counter() - started < 1.0  # Label Studio waits one second for a webhook
             again = requests.post(f"{first.url}/webhook", json=webhook, timeout=5).json()
             assert queued["status"] == "queued" and again == {**queued, "status": "coalesced"}
         finally:
