@@ -275,12 +275,12 @@ def main() -> None:
             first_agreements = agreements
     print_table(precision_rows)
     print(f"\nagreement of {models[0]} auto with fp32, pixels whose fp32 top-2 margin > 0.05\n")
-    print("image              | agreement | decided pixels | all pixels agree")
-    print("-------------------|-----------|----------------|-----------------")
+    print("image              | agreement | decided pixels | all pixels agree | PD dropped alike")
+    print("-------------------|-----------|----------------|------------------|-----------------")
     for name, agreement in first_agreements:
         print(
             f"{name:18} | {agreement.fraction:9.4%} | {agreement.decided_fraction:14.2%} | "
-            f"{agreement.raw_fraction:15.4%}"
+            f"{agreement.raw_fraction:16.4%} | {'yes' if agreement.same_dropped else 'no'}"
         )
 
     vit = next((m for m in models if m.startswith("ViT")), None)

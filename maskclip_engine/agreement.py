@@ -19,6 +19,7 @@ pixels, so the measure still covers nearly the whole image.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ class Agreement:
     margin: float
 
     tied_agreeing: int = 0  # agreeing pixels among the near-ties (not counted in ``fraction``)
+    # Prompt denoising dropped the same classes in both. When it did not, a class's best probability sat
+    # at the 0.5 threshold (a class-level near-tie the pixel margin cannot see) and whole regions may flip.
+    same_dropped: bool = True
 
     @property
     def fraction(self) -> float:
@@ -67,6 +71,7 @@ class Agreement:
             self.total + other.total,
             self.margin,
             self.tied_agreeing + other.tied_agreeing,
+            self.same_dropped and other.same_dropped,
         )
 
 
@@ -122,4 +127,5 @@ def measure_agreement(
     expected, state = reference.segment_with_state(image, labels, **options)
     got = candidate.segment(image, labels, **options)
     shape = expected.label_map.shape
-    return label_agreement(expected.label_map, got.label_map, upsampled_margin(state.probs, shape), margin)
+    counts = label_agreement(expected.label_map, got.label_map, upsampled_margin(state.probs, shape), margin)
+    return dataclasses.replace(counts, same_dropped=expected.dropped == got.dropped)

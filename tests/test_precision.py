@@ -96,7 +96,8 @@ def test_agreement_counts_only_decided_pixels() -> None:
     assert agreement.fraction == 0.75 and agreement.decided_fraction == 4 / 6
     assert agreement.raw_fraction == 4 / 6  # the tie at (1,1) agrees too
     pooled = agreement + label_agreement(reference, reference, margin, margin=0.05)
-    assert (pooled.agreeing, pooled.decided, pooled.total) == (7, 8, 12)
+    assert (pooled.agreeing, pooled.decided, pooled.total) == (7, 8, 12) and pooled.same_dropped
+    assert not (agreement + dataclasses.replace(agreement, same_dropped=False)).same_dropped
     assert label_agreement(reference, candidate, margin, margin=0.0).fraction == 4 / 6
     with pytest.raises(ValueError, match="one shape"):
         label_agreement(reference, candidate[:1], margin)
@@ -116,3 +117,4 @@ def test_agreement_of_bf16_with_fp32_on_a_scene(tiny_vit: TinyModel, tmp_path: P
     agreement = measure_agreement(reference, fast, image, CLASSES)
     assert agreement.total == 96 * 128 and agreement.decided > 0
     assert agreement.fraction >= 0.9  # the tiny random tower: a loose floor, the benchmark reports real numbers
+    assert isinstance(agreement.same_dropped, bool)
