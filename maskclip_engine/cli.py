@@ -77,7 +77,12 @@ def model_options(func):
         ),
         click.option("--device", envvar="MASKCLIP_DEVICE", default=None, help="cpu, cuda, cuda:N (default: auto)."),
         click.option(
-            "--precision", envvar="MASKCLIP_PRECISION", type=click.Choice(PRECISIONS), default="auto", show_default=True
+            "--precision",
+            envvar="MASKCLIP_PRECISION",
+            type=click.Choice(PRECISIONS),
+            default="auto",
+            show_default=True,
+            help="Image backbone precision; auto: bf16 where the chip computes it natively, else fp32.",
         ),
     ]
     for option in reversed(options):
