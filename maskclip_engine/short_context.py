@@ -16,7 +16,6 @@ pooling), which then keep the full context.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -76,20 +75,23 @@ class ShortContextTower:
         return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
 
     def encode(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Embeddings ``[B, D]`` equal to ``encode_text(tokens)``, rows grouped by their real length."""
-        lengths = (self.pooled_positions(tokens) + 1).tolist()
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for row, length in enumerate(lengths):
-            by_length[length].append(row)
+        """Embeddings ``[B, D]`` equal to ``encode_text(tokens)``, rows batched by their real length.
+
+        Rows are sorted by length and each batch is cut at its longest row: a
+        shorter row's padding comes after its pooled position, where the causal
+        mask hides it, so one batch serves several lengths exactly.
+        """
+        lengths = self.pooled_positions(tokens) + 1
+        order = torch.argsort(lengths, stable=True)
         out: torch.Tensor | None = None
-        for length, rows in sorted(by_length.items()):
-            for start in range(0, len(rows), batch_size):
-                index = torch.tensor(rows[start : start + batch_size], device=tokens.device)
-                encoded = self._forward(tokens[index, :length])
-                if out is None:
-                    out = encoded.new_empty((tokens.shape[0], encoded.shape[1]))
-                out[index] = encoded
-        assert out is not None, "encode() needs at least one row"
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            encoded = self._forward(tokens[index, : int(lengths[index].max())])
+            if out is None:
+                out = encoded.new_empty((tokens.shape[0], encoded.shape[1]))
+            out[index] = encoded
+        if out is None:
+            raise ValueError("encode() needs at least one row of tokens.")
         return out
 
     def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
