@@ -65,9 +65,8 @@ def test_student_learns_from_20_annotated_scenes(segmenter: Segmenter, held_out:
     assert [s["step"] for s in steps] == list(range(1, FAST.iterations + 1))
     assert steps[0]["phase"] == "teacher" and steps[-1]["phase"] == "self-training"
     assert np.mean([s["loss"] for s in steps[-50:]]) < np.mean([s["loss"] for s in steps[:50]])
-    teacher = evaluate(lambda image: segmenter.segment(image, LABELS).label_map, held_out, len(CLASSES)).miou
     miou = student_miou(segmenter, net, held_out)
-    assert miou >= 0.8, f"held-out mIoU {miou:.3f} (teacher {teacher:.3f})"
+    assert miou >= 0.8, f"held-out mIoU {miou:.3f}"
 
 
 def test_student_beats_the_noisy_teacher_it_learned_from(segmenter: Segmenter, held_out) -> None:
@@ -98,8 +97,10 @@ def test_human_labels_override_pseudo_labels(segmenter: Segmenter) -> None:
     train = [TrainingImage(*make_scene(i)) for i in range(12)]
     config = TrainConfig(iterations=150, batch_size=4, crop=256, lr=0.05, self_training_after=1.0)
     net = train_student(segmenter, train, LABELS, config, teacher=WrongTeacher())
-    result = StudentSegmenter(segmenter, checkpoint(net)).segment(make_scene(2000)[0])
-    assert {"red disc", "blue box"} & set(result.present)
+    held_out = [TrainingImage(*make_scene(2000 + i)) for i in range(2)]
+    student = StudentSegmenter(segmenter, checkpoint(net))
+    iou = evaluate(lambda image: student.segment(image).label_map, held_out, len(CLASSES)).iou
+    assert min(iou) >= 0.5, f"per-class IoU {iou}: the all-ground teacher leaked through"
 
 
 @pytest.mark.parametrize("backbone", ["clip", "resnet50"])
@@ -119,6 +120,9 @@ def test_checkpoint_round_trip(segmenter: Segmenter, tmp_path: Path, backbone: s
     first = StudentSegmenter(segmenter, saved).segment(image)
     second = StudentSegmenter(segmenter, loaded).segment(image)
     np.testing.assert_array_equal(first.label_map, second.label_map)
+    # Confidences differ from pixel to pixel, so equal maps here mean equal networks, not a constant answer.
+    assert first.confidence.std() > 0
+    np.testing.assert_allclose(first.confidence, second.confidence, rtol=1e-5, atol=1e-6)
 
 
 def test_interrupted_save_leaves_nothing_behind(segmenter: Segmenter, tmp_path: Path, monkeypatch) -> None:
