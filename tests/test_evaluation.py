@@ -59,8 +59,9 @@ def test_config_parsing() -> None:
 
 
 def run_eval(tiny: TinyModel, root: Path, out: Path, *options: str):
-    """`maskclip eval` on the tiny test model, writing its JSON report to ``out``."""
+    """`maskclip eval` on the tiny test model in float32 (as the fixtures it is compared with), report to ``out``."""
     args = ["eval", str(root), "--model", str(tiny.config), "--pretrained", str(tiny.state_dict), "--out", str(out)]
+    args += ["--precision", "fp32"]
     return CliRunner().invoke(main, [*args, *options])
 
 
