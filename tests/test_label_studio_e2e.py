@@ -137,6 +137,7 @@ def test_start_training_in_label_studio_then_predictions_come_from_the_student(
         MASKCLIP_TRAIN_ITERATIONS="200",
         MASKCLIP_TRAIN_CROP="256",
         MASKCLIP_TRAIN_LR="0.05",
+        MASKCLIP_GATE_MIN_PIXELS="10000",  # the held-out scenes are small: 128x160 pixels each
         MODEL_DIR=str(tmp_path_factory.mktemp("e2e-models")),
         REDIS_URL="",  # no queue given: `serve` runs its own Redis and worker
     )

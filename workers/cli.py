@@ -96,7 +96,7 @@ def _follow(job: Job) -> None:
 @click.option("--redis-url", envvar="REDIS_URL", required=True)
 @click.option("--limit", type=int, default=20, show_default=True)
 def jobs(redis_url: str, limit: int) -> None:
-    """Recent training jobs and their state."""
+    """Recent training and pre-annotation jobs, then the pre-annotation runs and their progress."""
     settings = _settings()
     rows = []
     for job in recent_jobs(connect(redis_url), settings.queue_name, limit):
@@ -121,17 +121,17 @@ def jobs(redis_url: str, limit: int) -> None:
                 outcome,
             )
         )
+    if rows:
+        headers = ("job", "project", "queued", "status", "phase", "step", "outcome")
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+        click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+        for row in rows:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    else:
+        click.echo("no jobs")
+    click.echo("")
     for line in runs_table(connect(redis_url)) or ["no pre-annotation runs"]:
         click.echo(line)
-    click.echo("")
-    if not rows:
-        click.echo("no training jobs")
-        return
-    headers = ("job", "project", "queued", "status", "phase", "step", "outcome")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
 @click.command("eval-project")
