@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from redis.exceptions import RedisError
+from werkzeug.exceptions import HTTPException
 
 from ls_integration.errors import (
     BackendError,
@@ -106,6 +107,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
+        if isinstance(exc, HTTPException):  # werkzeug's own 4xx answers stay what they are
+            return jsonify({"error": exc.description}), exc.code
         log.exception("unhandled error on %s", request.path)
         return jsonify({"error": "internal error; the backend log has the details"}), 500
 
@@ -124,11 +127,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         config = body.get("schema")
         schema = schemas.get(config)
         hostname = host_pin.admit(body.get("hostname"))  # before anything is stored: a foreign host is refused
-        predictor.warm_text_cache(schema)  # in the background; a config seen before is not warmed again
         predictor.link_project(
             project,
             ProjectLink(hostname=hostname, access_token=body.get("access_token"), label_config=config),
         )
+        predictor.warm_text_cache(schema)  # in the background; a config seen before is not warmed again
         return jsonify({"model_version": predictor.project_version(project, schema)})
 
     @app.post("/predict")
@@ -201,7 +204,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        body = request.get_json(silent=True) or {}
+        body = request.get_json(silent=True)
+        body = body if isinstance(body, dict) else {}
         project = _project_id(body.get("project") or request.args.get("project"), required=False)
         details = predictor.versions(project)
         return jsonify({"versions": [d["version"] for d in details], "details": details})
@@ -229,7 +233,8 @@ class TrainingQueue:
                 "which runs its own."
             )
         if self._connection is None:
-            self._connection = connect(self.settings.redis_url)
+            # A Redis that stops answering must not hold a request past Label Studio's 1 s webhook timeout.
+            self._connection = connect(self.settings.redis_url, timeout=2.0)
         return self._connection
 
     def enqueue(self, project: str, trigger: str) -> dict[str, Any]:

@@ -147,7 +147,7 @@ class ImageFetcher:
     def _read_limited(self, response: requests.Response, url: str) -> bytes:
         limit = self.settings.max_image_bytes
         declared = response.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and is_id(declared) and int(declared) > limit:
             raise ImageFetchError(f"{_safe(url)} is {int(declared):,} bytes, over the limit of {limit:,}.")
         chunks, total = [], 0
         for chunk in response.iter_content(1 << 16):

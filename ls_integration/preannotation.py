@@ -53,8 +53,13 @@ if live then
   end
 end
 redis.call('set', KEYS[1], ARGV[1])
+-- the state exists from the same instant as the key, so a trigger right behind this one joins it
+redis.call('hset', KEYS[2] .. ARGV[1], 'heartbeat', ARGV[3], 'phase', 'queued', 'planning', '1')
 return {ARGV[1], 'queued'}
 """
+
+PLANNER_TTL_S = 600  # a planner refreshes its lock while it lists tasks; a killed one frees it after this
+
 
 # Atomically: a run with no chunk left and none leased either plans again (triggers came in) or ends.
 _FINISH = """
@@ -159,10 +164,17 @@ def start_run(
         connection.rpush(state_key(live) + ":extra", scope)
         connection.expire(state_key(live), RUN_TTL_S)
         enqueue_job(connection, "plan_run", project, live, queue_name)
+    elif connection.exists(planner_key(live)):
+        return live, "coalesced"  # its planner is alive (it was only queued behind other jobs): it takes the scope
     else:  # resumed: plan again (the planner may have died) and put workers back on what is left
         connection.hset(state_key(live), "planning", 1)
         enqueue_job(connection, "plan_run", project, live, queue_name)
     return live, status
+
+
+def planner_key(run: str) -> str:
+    """Held by the one planner of ``run`` at a time, so two planners never cut chunks of the same tasks."""
+    return f"{state_key(run)}:planner"
 
 
 def enqueue_job(connection: Redis, function: str, project: int, run: str, queue_name: str) -> str:
@@ -239,6 +251,18 @@ def try_finish(connection: Redis, run: str, project: int | str, version_key: str
         _FINISH, 2, state_key(run), live_key(project, version_key), run, f"{time.time():.3f}", 24 * 3600
     )
     return result.decode()
+
+
+def abandon(connection: Redis, run: str, project: int | str, reason: str) -> None:
+    """End ``run`` without finishing it: its phase says why, and its (project, version) key is free again."""
+    version_key = (connection.hget(state_key(run), "version_key") or CURRENT.encode()).decode()
+    connection.eval(
+        "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end return 0",
+        1,
+        live_key(project, version_key),
+        run,
+    )
+    connection.hset(state_key(run), mapping={"phase": "done", "error": reason, "finished": f"{time.time():.3f}"})
 
 
 def publish_metrics(connection: Redis, metrics: Any, limit: int = 50) -> None:

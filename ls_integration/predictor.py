@@ -83,7 +83,8 @@ class Predictor:
         # Loaded students, least recently used first; at most settings.student_cache_size stay in memory.
         self._students: OrderedDict[Path, tuple[float, StudentSegmenter]] = OrderedDict()
         self.projects = ProjectStore(settings.model_dir)  # shared by every replica and worker
-        self._auths: dict[tuple[str, str | None], LabelStudioAuth] = {}
+        # One fetcher (its session and connection pool) per Label Studio host and key, reused by every request.
+        self._fetchers: dict[tuple[str, str | None] | None, ImageFetcher] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.fetch_threads, thread_name_prefix="fetch")
         set_torch_threads(settings.torch_threads)
@@ -110,15 +111,14 @@ class Predictor:
         return self.warmup.submit(schema)
 
     def fetcher_for(self, project: str | None) -> ImageFetcher:
-        auth = self._default_auth
-        link = self.project_link(project) if project else None
-        if auth is None and link is not None and link.hostname:
-            key = (link.hostname, link.access_token)
-            with self._lock:
-                auth = self._auths.get(key)
-                if auth is None:
-                    auth = self._auths[key] = LabelStudioAuth(link.hostname, link.access_token)
-        return ImageFetcher(self.settings, auth)
+        link = self.project_link(project) if project and self._default_auth is None else None
+        key = (link.hostname, link.access_token) if link is not None and link.hostname else None
+        with self._lock:
+            fetcher = self._fetchers.get(key)
+            if fetcher is None:
+                auth = LabelStudioAuth(*key) if key is not None else self._default_auth
+                fetcher = self._fetchers[key] = ImageFetcher(self.settings, auth)
+            return fetcher
 
     # ------------------------------------------------------------ students
     def student_for(

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from maskclip_engine.atomic import atomic_write
 
+from .ids import is_id
+
 log = logging.getLogger(__name__)
 
 LINK_FILE = "link.json"
@@ -50,7 +52,7 @@ class ProjectStore:
 
     def path(self, project: str | int) -> Path:
         project = str(project)
-        if not project.isdigit():
+        if not is_id(project):
             raise ValueError(f"project {project!r} is not a Label Studio project id.")
         return self.model_dir / f"project-{project}" / LINK_FILE
 

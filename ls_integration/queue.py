@@ -210,12 +210,8 @@ def count_annotation(connection: Redis, project: int, every: int) -> bool:
     """Count one new or updated annotation; True once every ``every`` of them."""
     if every <= 0:
         return False
-    key = f"maskclip:annotations:{project}"
-    count = connection.incr(key)
-    if count >= every:
-        connection.delete(key)
-        return True
-    return False
+    # One atomic step: concurrent webhooks never both fire nor lose a count.
+    return connection.incr(f"maskclip:annotations:{project}") % every == 0
 
 
 def recent_jobs(connection: Redis, queue_name: str = "maskclip-training", limit: int = 20) -> list[Job]:

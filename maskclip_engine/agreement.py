@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidOptionError
+
 if TYPE_CHECKING:
     from .prompts import LabelInput
     from .segmenter import Segmenter
@@ -124,6 +126,11 @@ def measure_agreement(
     The reference (usually the same model in fp32) also gives each pixel's
     top-2 margin, from its refined label probabilities upsampled to the image.
     """
+    if options.get("slide_refine") == "window" or options.get("pamr"):
+        raise InvalidOptionError(
+            "measure_agreement takes each pixel's margin from whole-image refinement without PAMR; "
+            "per-window refinement and PAMR label from other maps, so measure with those options off."
+        )
     expected, state = reference.segment_with_state(image, labels, **options)
     got = candidate.segment(image, labels, **options)
     shape = expected.label_map.shape

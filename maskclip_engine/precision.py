@@ -67,7 +67,8 @@ def cpu_capabilities() -> Mapping[str, Any]:
 
 def resolve_precision(requested: str, device: torch.device) -> str:
     """``requested`` made concrete for ``device`` on this machine."""
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # Native bf16 from compute capability 8 (Ampere) on; is_bf16_supported() also says yes where it is emulated.
+    cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     return choose_precision(requested, device.type, cpu_capabilities() if device.type == "cpu" else {}, cuda_bf16)
 
 

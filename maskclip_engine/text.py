@@ -62,7 +62,8 @@ class TextEmbedder:
         self.encoded_prompts = 0  # how many sentences went through the text encoder
 
     def _key(self, text: str) -> str:
-        identity = "\0".join((self.clip.model_id, self.clip.weights_id, templates_digest(self.templates), text))
+        # "v2": entries are float32 from a float32 text tower; older caches held entries rounded to fp16/bf16.
+        identity = "\0".join(("v2", self.clip.model_id, self.clip.weights_id, templates_digest(self.templates), text))
         return hashlib.sha256(identity.encode()).hexdigest()
 
     def _path(self, key: str) -> Path:

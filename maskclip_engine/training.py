@@ -210,6 +210,9 @@ def train_student(
 @torch.no_grad()
 def _clip_features(segmenter: Segmenter, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen CLIP dense features and keys of a 0..1 batch, usable as inputs to a trained network."""
+    if segmenter.clip.device.type == "cpu" and pixels.shape[0] > 1:  # as Segmenter.dense_features_and_keys
+        parts = [_clip_features(segmenter, one[None]) for one in pixels]
+        return torch.cat([f for f, _ in parts]), torch.cat([k for _, k in parts])
     normalized = ((pixels - segmenter._mean) / segmenter._std).to(segmenter.clip.dtype)
     with segmenter.clip.autocast():  # as when serving: the CLIP backbone in its precision, the student in float32
         features, keys = dense_features(segmenter.clip.visual, normalized, segmenter.options.dense_mode)

@@ -108,6 +108,29 @@ def plan_run(project: int, run: str) -> dict[str, Any]:
     """List what the run has to consider, skip what is done, and queue the chunks for the workers."""
     ctx = _context(project, run)
     key = runs.state_key(run)
+    token = uuid.uuid4().hex
+    if not ctx.connection.set(runs.planner_key(run), token, nx=True, ex=runs.PLANNER_TTL_S):
+        log.info("project %s: run %s already has a planner at work; it takes the new scopes", project, run)
+        return runs.progress_meta(runs.state(ctx.connection, run))
+    try:
+        return _plan(ctx, project, run, key)
+    except PreannotationError as exc:  # the run cannot go on (unknown version): end it, so triggers start anew
+        runs.abandon(ctx.connection, run, project, str(exc))
+        raise
+    finally:
+        ctx.connection.eval(_RELEASE_IF_OURS, 1, runs.planner_key(run), token)
+
+
+_RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+
+def _beat(ctx: RunContext) -> None:
+    """The run's heartbeat, and the planner's lock kept while it works."""
+    ctx.connection.hset(runs.state_key(ctx.run), "heartbeat", time.time())
+    ctx.connection.expire(runs.planner_key(ctx.run), runs.PLANNER_TTL_S)
+
+
+def _plan(ctx: RunContext, project: int, run: str, key: str) -> dict[str, Any]:
     state = runs.state(ctx.connection, run)
     version = state.get("version")
     if version == runs.CURRENT or not version:
@@ -155,8 +178,8 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
             pipe.hset(key + ":chunks", number, json.dumps(chunk))
             pipe.sadd(key + ":planned", *[t["id"] for t in chunk])
             pipe.rpush(key + ":todo", number)
-            pipe.hset(key, "heartbeat", time.time())
             pipe.execute()
+        _beat(ctx)
         made += 1
         chunk = []
 
@@ -197,7 +220,7 @@ def _tasks(ctx: RunContext, ids: list[int] | None):
     for task in (task for pager in pagers for task in pager):
         seen += 1
         if seen % _LIST_PAGE == 0:
-            ctx.connection.hset(runs.state_key(ctx.run), "heartbeat", time.time())
+            _beat(ctx)
         versions = {_field(p, "model_version") for p in task.predictions or []}
         yield {
             "id": task.id,
@@ -266,11 +289,15 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
         predictions = list(
             ctx.predictor.predict_tasks(tasks, ctx.schema, str(ctx.project), requested=version, fetcher=ctx.fetcher)
         )
-        failed = [t["id"] for t, p in zip(tasks, predictions) if p is None]
-        ready = {t["id"]: p for t, p in zip(tasks, predictions) if p is not None}
-        for task_id, prediction in ready.items():
-            if prediction["model_version"] != version:
-                log.warning("task %s: predicted by %s, not %s", task_id, prediction["model_version"], version)
+        # Only the run's version is imported: a prediction from another model (a student whose labels no longer
+        # match falls back to MaskCLIP) would be imported again by every rerun, which checks for this version.
+        for task, prediction in zip(tasks, predictions):
+            if prediction is not None and prediction["model_version"] != version:
+                log.warning(
+                    "task %s: predicted by %s, not %s; not imported", task["id"], prediction["model_version"], version
+                )
+        failed = [t["id"] for t, p in zip(tasks, predictions) if p is None or p["model_version"] != version]
+        ready = {t["id"]: p for t, p in zip(tasks, predictions) if p is not None and p["model_version"] == version}
         # Checked right before the import: another worker (or run) may have written the version meanwhile.
         held = _versions(ctx, list(ready)) if ready else {}
         done_already = {t for t in ready if version in held.get(t, set())}
