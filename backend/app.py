@@ -240,11 +240,8 @@ class TrainingQueue:
     def enqueue(self, project: str, trigger: str) -> dict[str, Any]:
         if not is_id(str(project)):
             raise BadRequestError(f"project {project!r} is not a Label Studio project id.")
-        link = self.predictor.project_link(project)
-        kwargs = {}
-        if not self.settings.label_studio_url and link is not None and link.hostname:
-            # The worker learns where Label Studio is from what Label Studio told this backend.
-            kwargs["label_studio"] = {"url": link.hostname, "token": link.access_token}
+        # Workers learn where Label Studio is (and its key) from the project store in the shared model folder,
+        # where /setup put it: no credential travels through Redis.
         try:
             job_id, created = enqueue_training(
                 self.connection(),
@@ -252,7 +249,6 @@ class TrainingQueue:
                 trigger=trigger,
                 queue_name=self.settings.queue_name,
                 job_timeout=self.settings.job_timeout,
-                kwargs=kwargs,
             )
         except RedisError as exc:
             raise QueueUnavailableError(f"the training queue is unreachable: {exc}") from exc
@@ -276,18 +272,11 @@ class TrainingQueue:
                 task_ids=ids,
                 trigger="tasks_created",
                 queue_name=self.settings.queue_name,
-                label_studio=self._label_studio(project_id),
                 lost_after_s=LOST_AFTER_S,
             )
         except RedisError as exc:
             raise QueueUnavailableError(f"the pre-annotation queue is unreachable: {exc}") from exc
         return {"status": status, "run": run, "tasks": len(ids)}
-
-    def _label_studio(self, project: str) -> dict[str, str] | None:
-        link = self.predictor.project_link(project)
-        if self.settings.label_studio_url or link is None or not link.hostname:
-            return None
-        return {"url": link.hostname, "token": link.access_token or ""}
 
     def publish_preannotation(self, metrics: Metrics) -> None:
         """Pre-annotation progress into ``/metrics`` (a missing or unreachable queue just leaves it out)."""

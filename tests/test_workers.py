@@ -257,6 +257,25 @@ def test_a_killed_job_leaves_no_half_written_active_model(redis, with_label_stud
     Queue(QUEUE, connection=redis).empty()
 
 
+def test_a_project_connected_through_setup_trains_with_no_credential_in_redis(
+    app_client, redis, project, label_studio
+) -> None:
+    """Without LABEL_STUDIO_URL the worker reads the project's link from the shared model folder, not from Redis."""
+    config = label_studio.api("GET", f"/api/projects/{project}").json()["label_config"]
+    setup = app_client.post(
+        "/setup",
+        json={"project": f"{project}.1", "schema": config, "hostname": label_studio.url, "access_token": TOKEN},
+    )
+    assert setup.status_code == 200, setup.json
+    job_id = post_webhook(app_client, "START_TRAINING", project)["job"]
+    queued = Job.fetch(job_id, connection=redis)
+    assert "label_studio" not in queued.kwargs and TOKEN not in str(queued.kwargs)
+    drain(redis)
+    job = Job.fetch(job_id, connection=redis)
+    assert job.get_status() == JobStatus.FINISHED, job.latest_result().exc_string
+    assert job.return_value()["version"].startswith(f"student-p{project}-v")
+
+
 def test_train_and_jobs_commands(env, redis) -> None:
     from click.testing import CliRunner
 

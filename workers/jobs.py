@@ -13,6 +13,7 @@ from ls_integration.dataset import ProjectDataError, load_project
 from ls_integration.fetching import ImageFetcher
 from ls_integration.host_pin import pinned_host
 from ls_integration.label_studio import LabelStudioAuth, origin
+from ls_integration.project_store import ProjectStore
 from ls_integration.queue import release_job
 from ls_integration.settings import Settings
 from maskclip_engine import LabelSet, Segmenter
@@ -37,9 +38,10 @@ def train_project(
 ) -> dict[str, Any]:
     """Train a MaskCLIP+ student for a Label Studio project and promote it if it beats the current model.
 
-    ``label_studio`` (``{"url", "token"}``) is used when the worker's own
-    ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` are not set; ``options``
-    override fields of the training configuration.
+    Label Studio is the worker's own ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``,
+    else what ``/setup`` recorded for the project in the shared model folder;
+    ``label_studio`` (``{"url", "token"}``) is read only for jobs queued by
+    older backends. ``options`` override fields of the training configuration.
     """
     job = get_current_job()
     settings = Settings.from_env()
@@ -47,8 +49,11 @@ def train_project(
     try:
         progress.update(force=True, phase="loading model")
         segmenter = shared_segmenter(settings)
-        url = settings.label_studio_url or (label_studio or {}).get("url")
-        token = settings.label_studio_api_key or (label_studio or {}).get("token")
+        link = ProjectStore(settings.model_dir).load(project)
+        url = settings.label_studio_url or (link.hostname if link else None) or (label_studio or {}).get("url")
+        token = (
+            settings.label_studio_api_key or (link.access_token if link else None) or (label_studio or {}).get("token")
+        )
         if not url:
             raise ProjectDataError("the worker does not know where Label Studio is: set LABEL_STUDIO_URL.")
         pinned = None if settings.label_studio_url else pinned_host(settings.model_dir)
@@ -132,7 +137,7 @@ def train_project(
             promoted, refused = promote(connection, registry, version, judged_against, rejudge, job_id)
             reason = refused or reason
             if promoted:  # not when activation found a newer job or a better model
-                queue_after_promotion(project, version.name, label_studio)  # the student's proposals everywhere
+                queue_after_promotion(project, version.name)  # the student's proposals everywhere
         result = {
             "project": project,
             "version": version.name,
