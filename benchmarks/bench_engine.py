@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import statistics
 import sys
 import tempfile
@@ -35,7 +34,6 @@ from maskclip_engine import Segmenter
 from maskclip_engine.agreement import measure_agreement
 from maskclip_engine.dense import interpolate_positional_embedding
 from maskclip_engine.images import resized_shape
-from maskclip_engine.precision import resolve_precision
 from maskclip_engine.text import TextEmbedder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.scenes: the generated scenes of the tests
@@ -174,10 +172,14 @@ def bench_precision(
 ) -> tuple[dict[str, object], list[tuple[str, object]], float]:
     """segment() in fp32 against precision="auto" (same weights), interleaved; agreement on several images."""
     with tempfile.TemporaryDirectory() as cache:
-        torch.manual_seed(0)  # the same random weights in every run: agreement depends on them
-        reference = Segmenter.from_pretrained(model, pretrained=None, device=device, precision="fp32", cache_dir=cache)
-        auto = resolve_precision("auto", reference.clip.device)
-        fast = Segmenter(dataclasses.replace(reference.clip, precision=auto), reference.options, reference.text)
+        loaded = []
+        for precision in ("fp32", "auto"):  # one load per precision (the backbone's matrices are stored in it)
+            torch.manual_seed(0)  # the same random weights in both, and in every run: agreement depends on them
+            loaded.append(
+                Segmenter.from_pretrained(model, pretrained=None, device=device, precision=precision, cache_dir=cache)
+            )
+        reference, fast = loaded
+        auto = fast.clip.precision
         for segmenter in (reference, fast):  # warm-up: text cache, kernels
             segmenter.segment(image, LABELS, short_side=short_side)
         fp32_times, auto_times = [], []

@@ -27,7 +27,7 @@ from open_clip.transformer import VisionTransformer
 
 from .config import ModelSpec
 from .errors import ModelNotFoundError, UnsupportedModelError, WeightsUnavailableError
-from .precision import backbone_autocast, resolve_precision
+from .precision import AUTOCAST_DTYPES, backbone_autocast, matrix_weight_dtype, resolve_precision, store_matrix_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,11 @@ class LoadedClip:
     """A built, frozen CLIP model and the facts inference needs about it.
 
     ``model_id`` and ``weights_id`` identify the architecture and the exact
-    weights; caches and model versions are keyed by them. Weights are float32
-    (``dtype``); ``precision`` is the concrete precision the image backbone
-    runs in, under :meth:`autocast`.
+    weights; caches and model versions are keyed by them. ``dtype`` is what
+    pixels enter the image tower in (float32); ``precision`` is the concrete
+    precision the image backbone runs in, under :meth:`autocast`, and its
+    matrix weights are stored in it (:func:`store_matrix_weights`), so a model
+    is loaded once per precision.
     """
 
     model: torch.nn.Module
@@ -58,6 +60,14 @@ class LoadedClip:
     stride: int
     embed_dim: int
     precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        stored = matrix_weight_dtype(self.model.visual)
+        if stored != AUTOCAST_DTYPES.get(self.precision, torch.float32):
+            raise ValueError(
+                f"this model's image tower holds {stored} weights but precision {self.precision!r} was asked for; "
+                f"load the model again with that precision (load_clip / Segmenter.from_pretrained)."
+            )
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -158,7 +168,7 @@ def _create(name: str, checkpoint: str | None, spec: ModelSpec, device: torch.de
         return open_clip.create_model(
             name,
             pretrained=checkpoint,
-            precision="fp32",  # weights stay float32: autocast gives the speed, heads stay exact
+            precision="fp32",  # built in float32; load_clip stores the image tower's matrices in its precision
             device=device,
             force_quick_gelu=quick_gelu,
             cache_dir=str(spec.resolved_cache_dir / "weights"),
@@ -259,6 +269,8 @@ def load_clip(spec: ModelSpec) -> LoadedClip:
     mean = tuple(float(v) for v in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(float(v) for v in cfg.get("std", open_clip.OPENAI_DATASET_STD))
     dtype = visual.conv1.weight.dtype
+    if precision in AUTOCAST_DTYPES:
+        store_matrix_weights(visual, AUTOCAST_DTYPES[precision])
     log.info("loaded %s (%s) on %s, image backbone in %s", name, weights_id, device, precision)
     return LoadedClip(
         model=model,

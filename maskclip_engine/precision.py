@@ -1,7 +1,13 @@
 """Which precision the image backbone runs in, and how.
 
-Weights always stay float32. In ``bf16``/``fp16`` the backbone (image tower
-up to the projected patch features) runs under :func:`torch.autocast`; the
+In ``bf16``/``fp16`` the backbone (image tower up to the projected patch
+features) runs under :func:`torch.autocast`, with its matrix weights (linear
+and convolution weights and biases, the projection) stored in that dtype once
+at load time: autocast would round them to it on every call anyway (a frozen
+model's weights are not in autocast's cache), so the numbers are the same and
+each call saves the casts, about a tenth of a ViT-B's time on a 2-core CPU,
+and half the backbone's weight memory. Norms, embeddings and the text tower
+stay float32. The
 head (feature normalisation, cosine logits, softmax, prompt denoising, key
 smoothing, upsampling) runs outside it, in float32. Near-tied cosine logits
 would flip in bf16's 8-bit mantissa; in float32 they do not, so the label map
@@ -70,6 +76,36 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     # Native bf16 from compute capability 8 (Ampere) on; is_bf16_supported() also says yes where it is emulated.
     cuda_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     return choose_precision(requested, device.type, cpu_capabilities() if device.type == "cpu" else {}, cuda_bf16)
+
+
+def store_matrix_weights(module: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the matrix weights of ``module`` (a frozen image tower) in ``dtype``; return how many tensors changed.
+
+    These are exactly the tensors autocast rounds to ``dtype`` before its
+    matrix products: weights and biases of linear layers, convolutions and
+    attention input projections, and a bare ``proj`` matrix. Norm layers,
+    positional and class embeddings keep float32.
+    """
+    changed = 0
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+            names: tuple[str, ...] = ("weight", "bias")
+        elif isinstance(sub, torch.nn.MultiheadAttention):
+            names = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+        else:
+            names = ("proj",) if sub is module else ()
+        for name in names:
+            tensor = getattr(sub, name, None)
+            if isinstance(tensor, torch.nn.Parameter) and tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor.data = tensor.data.to(dtype)
+                changed += 1
+    return changed
+
+
+def matrix_weight_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype the image tower's matrix weights are stored in (its first convolution's)."""
+    conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+    return conv.weight.dtype
 
 
 def backbone_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

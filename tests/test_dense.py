@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskclip_engine import InvalidImageError, Segmenter
+from maskclip_engine import InvalidImageError, Segmenter, dense
 
 
 def _layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
@@ -90,6 +90,28 @@ def test_vit_dense_features_drop_query_key_mixing(vit_segmenter: Segmenter) -> N
         tokens = visual.transformer(visual._embeds(pixels))
         standard = (visual.ln_post(tokens[:, 1:]) @ visual.proj).transpose(1, 2).reshape(1, -1, 4, 4)
     assert not torch.allclose(vit_segmenter.dense_features_torch(pixels), standard, atol=1e-3)
+
+
+def test_transformer_block_computes_what_the_open_clip_block_computes(vit_segmenter: Segmenter) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 1 + 3 * 7, vit_segmenter.clip.visual.transformer.width)
+    with torch.no_grad():
+        for block in vit_segmenter.clip.visual.transformer.resblocks:
+            torch.testing.assert_close(dense.transformer_block(block, x), block(x), rtol=1e-5, atol=1e-5)
+            x = block(x)
+
+
+def test_bf16_cpu_attention_in_row_blocks_matches_exact_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 45, 16) * scale for scale in (2.0, 2.0, 1.0))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.equal(dense.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))  # float32: SDPA itself
+    for row_budget in (dense.ROW_BLOCK_ELEMENTS, 6 * 45 * 16, 6 * 45 * 20):  # one block; 16-row blocks; a ragged end
+        monkeypatch.setattr(dense, "ROW_BLOCK_ELEMENTS", row_budget)
+        got = dense.attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert got.dtype == torch.bfloat16 and got.shape == q.shape
+        error = (got.double() - exact).norm() / exact.norm()
+        assert error < 0.02, f"relative error {error:.4f} with a row budget of {row_budget}"
 
 
 def test_vit_uses_quickgelu_when_the_weights_need_it(tiny_vit, tmp_path) -> None:

@@ -25,7 +25,8 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("which", ["tiny_vit", "tiny_rn"])
 def test_open_clip_state_dict_loads_exact_weights(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     tiny: TinyModel = request.getfixturevalue(which)
-    clip = load_clip(ModelSpec(str(tiny.config), str(tiny.state_dict), device="cpu", cache_dir=tmp_path))
+    spec = ModelSpec(str(tiny.config), str(tiny.state_dict), device="cpu", precision="fp32", cache_dir=tmp_path)
+    clip = load_clip(spec)
     assert _same_weights(clip.model, tiny.reference)
     assert clip.weights_id.startswith("sha256:")
     assert not clip.model.training
@@ -38,7 +39,7 @@ def test_openai_torchscript_archive_loads_with_quickgelu(
     which: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     tiny: TinyModel = request.getfixturevalue(which)
-    clip = load_clip(ModelSpec(str(tiny.config), str(tiny.torchscript), cache_dir=tmp_path))
+    clip = load_clip(ModelSpec(str(tiny.config), str(tiny.torchscript), precision="fp32", cache_dir=tmp_path))
     assert _same_weights(clip.model, tiny.reference_quickgelu)
     # OpenAI weights were trained with QuickGELU; the text tower shows which activation was built.
     activations = {type(m).__name__ for m in clip.model.transformer.modules()}
@@ -124,6 +125,6 @@ def test_bf16_precision_runs(tiny_vit: TinyModel, tmp_path: Path) -> None:
     segmenter = Segmenter.from_pretrained(
         str(tiny_vit.config), str(tiny_vit.state_dict), precision="bf16", cache_dir=tmp_path
     )
-    assert segmenter.clip.precision == "bf16" and segmenter.clip.dtype == torch.float32  # autocast, fp32 weights
+    assert segmenter.clip.precision == "bf16" and segmenter.clip.dtype == torch.float32  # pixels enter in float32
     features = segmenter.dense_features_torch(torch.randn(1, 3, 32, 48))
     assert features.dtype == torch.float32 and features.shape == (1, 32, 2, 3)

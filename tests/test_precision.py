@@ -12,6 +12,7 @@ import torch
 from maskclip_engine import InvalidOptionError, ModelSpec, Segmenter
 from maskclip_engine import segmenter as segmenter_module
 from maskclip_engine.agreement import label_agreement, measure_agreement, top2_margin, upsampled_margin
+from maskclip_engine.dense import dense_features
 from maskclip_engine.precision import choose_precision, cpu_has_native_bf16, resolve_precision
 from tests.scenes import CLASSES, make_scene
 from tests.tiny_models import TinyModel
@@ -46,7 +47,7 @@ def test_auto_is_the_default_and_resolves_on_this_machine(tiny_vit: TinyModel, t
     assert resolve_precision("auto", torch.device("cpu")) == expected
     segmenter = Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), cache_dir=tmp_path)
     assert segmenter.clip.precision == expected
-    assert segmenter.clip.dtype == torch.float32  # weights stay float32 in every precision
+    assert segmenter.clip.dtype == torch.float32  # pixels enter in float32 in every precision
 
 
 def test_bf16_runs_the_backbone_in_bf16_and_the_head_in_float32(
@@ -111,10 +112,49 @@ def test_agreement_of_bf16_with_fp32_on_a_scene(tiny_vit: TinyModel, tmp_path: P
     reference = Segmenter.from_pretrained(
         str(tiny_vit.config), str(tiny_vit.state_dict), precision="fp32", cache_dir=tmp_path
     )
-    fast = Segmenter(dataclasses.replace(reference.clip, precision="bf16"), text=reference.text)
+    fast = Segmenter.from_pretrained(
+        str(tiny_vit.config), str(tiny_vit.state_dict), precision="bf16", cache_dir=tmp_path
+    )
     image, _ = make_scene(1, 96, 128)
     assert measure_agreement(reference, reference, image, CLASSES).fraction == 1.0
     agreement = measure_agreement(reference, fast, image, CLASSES)
     assert agreement.total == 96 * 128 and agreement.decided > 0
     assert agreement.fraction >= 0.9  # the tiny random tower: a loose floor, the benchmark reports real numbers
     assert isinstance(agreement.same_dropped, bool)
+
+
+def test_bf16_stores_the_matrix_weights_autocast_would_cast(tiny_vit: TinyModel, tmp_path: Path) -> None:
+    """Matrices stored in bf16 once give exactly what autocast gives from float32 weights on every call."""
+    fp32, bf16 = (
+        Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), precision=p, cache_dir=tmp_path)
+        for p in ("fp32", "bf16")
+    )
+    visual = bf16.clip.visual
+    block = visual.transformer.resblocks[0]
+    assert visual.conv1.weight.dtype == visual.proj.dtype == torch.bfloat16
+    assert block.attn.in_proj_weight.dtype == block.mlp.c_fc.bias.dtype == torch.bfloat16
+    assert block.ln_1.weight.dtype == visual.positional_embedding.dtype == torch.float32  # norms, embeddings
+    assert bf16.clip.model.token_embedding.weight.dtype == torch.float32  # the text tower is untouched
+    pixels = torch.randn(2, 3, 48, 64)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = dense_features(fp32.clip.visual, pixels)
+    got = bf16.dense_features_and_keys(pixels)
+    assert torch.equal(got[0], expected[0].float()) and torch.equal(got[1], expected[1].float())
+
+    with pytest.raises(ValueError, match="load the model again"):
+        dataclasses.replace(fp32.clip, precision="bf16")  # float32 matrices cannot serve as a bf16 backbone
+    with pytest.raises(ValueError, match="load the model again"):
+        dataclasses.replace(bf16.clip, precision="fp32")
+
+
+def test_bf16_resnet_stores_its_matrices_and_keeps_batch_norm_float32(tiny_rn: TinyModel, tmp_path: Path) -> None:
+    fp32 = Segmenter.from_pretrained(str(tiny_rn.config), str(tiny_rn.state_dict), precision="fp32", cache_dir=tmp_path)
+    bf16 = Segmenter.from_pretrained(str(tiny_rn.config), str(tiny_rn.state_dict), precision="bf16", cache_dir=tmp_path)
+    visual = bf16.clip.visual
+    assert visual.conv1.weight.dtype == visual.attnpool.v_proj.weight.dtype == torch.bfloat16
+    assert visual.bn1.weight.dtype == visual.bn1.running_mean.dtype == torch.float32
+    pixels = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = dense_features(fp32.clip.visual, pixels)
+    got = bf16.dense_features_and_keys(pixels)
+    assert torch.equal(got[0], expected[0].float()) and torch.equal(got[1], expected[1].float())
