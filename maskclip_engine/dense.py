@@ -26,8 +26,8 @@ The blocks before the last run as open_clip defines them, written out here
 (:func:`transformer_block`) so that attention is chosen by :func:`attend`: on a
 CPU in bf16, blocks of query rows through bf16 batched matrix products, with
 scores and softmax in bf16 as PyTorch's own ``MultiheadAttention`` computes them
-in bf16; about a third faster at ViT-B-16's 1,177 tokens on 2 cores than
-PyTorch's CPU flash-attention kernel, which keeps scores in float32. Elsewhere
+in bf16; it takes about a third less time at ViT-B-16's 1,177 tokens on 2
+cores than PyTorch's CPU flash-attention kernel, which keeps scores in float32. Elsewhere
 (float32, CUDA) it is ``scaled_dot_product_attention``.
 """
 
@@ -143,6 +143,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _attend_in_row_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`attend` a block of query rows at a time; a block's scores hold about ``ROW_BLOCK_ELEMENTS`` values."""
     batch, heads, tokens, dim = q.shape
     q = (q * dim**-0.5).contiguous().view(batch * heads, tokens, dim)
     keys_t = k.transpose(-2, -1).contiguous().view(batch * heads, dim, tokens)

@@ -4,12 +4,12 @@ In ``bf16``/``fp16`` the backbone (image tower up to the projected patch
 features) runs under :func:`torch.autocast`, with its matrix weights (linear
 and convolution weights and biases, the projection) stored in that dtype once
 at load time: autocast would round them to it on every call anyway (a frozen
-model's weights are not in autocast's cache), so the numbers are the same and
-each call saves the casts, about a tenth of a ViT-B's time on a 2-core CPU,
-and half the backbone's weight memory. Norms, embeddings and the text tower
-stay float32. The
-head (feature normalisation, cosine logits, softmax, prompt denoising, key
-smoothing, upsampling) runs outside it, in float32. Near-tied cosine logits
+model's weights are not in autocast's cache), so the numbers are the same,
+each call saves the casts (about 5% of a ViT-B-16 proposal on a 2-core CPU)
+and the backbone's weights take half the memory. Norms, embeddings and the
+text tower stay float32. The head (feature normalisation, cosine logits,
+softmax, prompt denoising, key smoothing, upsampling) runs outside it, in
+float32. Near-tied cosine logits
 would flip in bf16's 8-bit mantissa; in float32 they do not, so the label map
 agrees with a full float32 run wherever the decision is not a near-tie (see
 :mod:`maskclip_engine.agreement`). Text embeddings are always float32.
