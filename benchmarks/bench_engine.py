@@ -18,9 +18,11 @@ segment-anything``, which is not a dependency of this project).
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import functools
 import multiprocessing
+import shutil
 import statistics
 import sys
 import tempfile
@@ -218,6 +220,7 @@ def _sam_call(image: np.ndarray, device: str | None):
 
 def _maskclip_call(image: np.ndarray, model: str, short_side: int, device: str | None):
     cache = tempfile.mkdtemp()
+    atexit.register(shutil.rmtree, cache, True)
     segmenter = Segmenter.from_pretrained(model, pretrained=None, device=device, cache_dir=cache)
     return lambda: segmenter.segment(image, LABELS, short_side=short_side)
 
