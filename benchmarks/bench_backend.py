@@ -67,6 +67,25 @@ def photo(seed: int, width: int = 1280, height: int = 800) -> bytes:
     return buffer.getvalue()
 
 
+def serve_backend(root: Path, files: list[bytes], model: str, device: str | None):
+    """Serve ``files`` as ``img<i>.jpg`` from ``root`` and a backend with random ``model`` weights that fetches
+    them; returns (image server, its URL, the backend's predictor, backend server, its URL)."""
+    for i, data in enumerate(files):
+        (root / f"img{i}.jpg").write_bytes(data)
+    image_server, image_url = serve(functools.partial(_Quiet, directory=str(root)))
+    settings = Settings(
+        model=model,
+        pretrained="random",
+        device=device,
+        cache_dir=root / "cache",
+        label_studio_url=image_url,
+        label_studio_api_key="benchmark",
+    )
+    predictor = Predictor(Segmenter.from_pretrained(model, "random", device, cache_dir=root / "cache"), settings)
+    backend, backend_url = serve(create_app(settings, predictor))
+    return image_server, image_url, predictor, backend, backend_url
+
+
 def serve(app_or_handler, host: str = "127.0.0.1"):
     if isinstance(app_or_handler, functools.partial):
         server = ThreadingHTTPServer((host, 0), app_or_handler)
@@ -213,21 +232,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         files = [photo(i) for i in range(8)]
-        for i, data in enumerate(files):
-            (root / f"img{i}.jpg").write_bytes(data)
-        image_server, image_url = serve(functools.partial(_Quiet, directory=str(root)))
-
-        settings = Settings(
-            model=args.model,
-            pretrained="random",
-            device=args.device,
-            cache_dir=root / "cache",
-            label_studio_url=image_url,
-            label_studio_api_key="benchmark",
-        )
-        segmenter = Segmenter.from_pretrained(args.model, "random", args.device, cache_dir=root / "cache")
-        predictor = Predictor(segmenter, settings)
-        backend, backend_url = serve(create_app(settings, predictor))
+        image_server, image_url, predictor, backend, backend_url = serve_backend(root, files, args.model, args.device)
+        segmenter = predictor.segmenter
         http = requests.Session()
 
         def predict(count: int) -> None:

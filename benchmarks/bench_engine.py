@@ -309,12 +309,7 @@ def main() -> None:
         f"device: {device}, torch threads: {torch.get_num_threads()}, labels: {len(LABELS)}, "
         f"median of {args.repeats} interleaved runs\n"
     )
-    headers = list(rows[0])
-    widths = [max(len(h), *(len(_fmt(r[h])) for r in rows)) for h in headers]
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(_fmt(row[h]).ljust(w) for h, w in zip(headers, widths)))
+    print_table(rows)
 
     models = args.models.split(",")
     print(f"\ntext encoding, {len(LABELS)} labels x 85 templates, random weights\n")

@@ -17,7 +17,6 @@ Random ViT-B-16 weights (timing does not depend on them), short side 448.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import statistics
 import tempfile
@@ -27,13 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from bench_backend import _Quiet, photo, serve
+from bench_backend import photo, serve_backend
 from PIL import Image
 
-from backend.app import create_app
-from ls_integration.predictor import Predictor
-from ls_integration.settings import Settings
-from maskclip_engine import Segmenter
 from maskclip_engine.images import decode_image
 
 LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]
@@ -95,20 +90,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         files = [photo(i, WIDTH, HEIGHT) for i in range(args.images + 1)]
-        for i, data in enumerate(files):
-            (root / f"img{i}.jpg").write_bytes(data)
-        image_server, image_url = serve(functools.partial(_Quiet, directory=str(root)))
-        settings = Settings(
-            model=args.model,
-            pretrained="random",
-            device=args.device,
-            cache_dir=root / "cache",
-            label_studio_url=image_url,
-            label_studio_api_key="benchmark",
-        )
-        segmenter = Segmenter.from_pretrained(args.model, "random", args.device, cache_dir=root / "cache")
-        predictor = Predictor(segmenter, settings)
-        backend, backend_url = serve(create_app(settings, predictor))
+        image_server, image_url, predictor, backend, backend_url = serve_backend(root, files, args.model, args.device)
+        segmenter = predictor.segmenter
         http = requests.Session()
 
         def interact(index: int, regions: list[dict]) -> dict:
