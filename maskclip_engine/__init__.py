@@ -24,16 +24,17 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .labels import LabelSet
     from .loading import LoadedClip, load_clip
-    from .prompts import MASKCLIP_TEMPLATES, LabelSet
     from .result import SegmentationResult
     from .segmenter import Segmenter
+    from .templates import MASKCLIP_TEMPLATES
 
 _LAZY = {
     "LoadedClip": "loading",
     "load_clip": "loading",
-    "MASKCLIP_TEMPLATES": "prompts",
-    "LabelSet": "prompts",
+    "MASKCLIP_TEMPLATES": "templates",
+    "LabelSet": "labels",
     "SegmentationResult": "result",
     "Segmenter": "segmenter",
 }
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later look-ups skip this function
     return value
+
 
 __all__ = [
     "InvalidImageError",

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .errors import InvalidOptionError
 
 if TYPE_CHECKING:
-    from .prompts import LabelInput
+    from .labels import LabelInput
     from .segmenter import Segmenter
 
 DEFAULT_MARGIN = 0.05

@@ -30,7 +30,7 @@ from .evaluation import (
     report_table,
 )
 from .images import decode_image, list_images
-from .prompts import LabelSet
+from .labels import LabelSet
 from .segmenter import Segmenter
 from .visualize import overlay, save_label_map
 

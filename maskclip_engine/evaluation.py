@@ -20,8 +20,8 @@ from PIL import Image
 from .config import KS_VARIANTS
 from .errors import InvalidOptionError
 from .images import decode_image
-from .metrics import Scores, confusion_matrix, scores
-from .prompts import LabelSet
+from .labels import LabelSet
+from .miou import Scores, confusion_matrix, scores
 from .segmenter import Segmenter
 
 # PASCAL VOC's 21 classes, with the spellings CLIP reads better as synonyms.
@@ -197,8 +197,8 @@ def config_predictor(
     prompted = LabelSet.parse([name.split("|") for name in classes[offset:]])
     threshold = bg_threshold if background == "threshold" else 0.0
     if config.student:
-        from .student import StudentCheckpoint
-        from .student_segmenter import StudentSegmenter
+        from .students.checkpoint import StudentCheckpoint
+        from .students.serving import StudentSegmenter
 
         checkpoint = StudentCheckpoint.load(Path(config.student), segmenter.clip.device)
         asked = config.options.get("dense_mode", checkpoint.dense_mode)
@@ -208,7 +208,7 @@ def config_predictor(
                 f"them; drop dense_mode={asked} from its configuration."
             )
         # Other options (image sizes) apply as they do to MaskCLIP; the student reads its own dense mode.
-        view = Segmenter(segmenter.clip, segmenter.options.replace(**config.options), segmenter.text)
+        view = segmenter.with_options(segmenter.options.replace(**config.options))
         student = StudentSegmenter(view, checkpoint)
         if student.labels != prompted.names:
             raise InvalidOptionError(

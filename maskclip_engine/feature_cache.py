@@ -1,46 +1,20 @@
-"""Per-image dense state of recently seen images, so interactions skip the image encoder.
+"""The in-memory level of the feature cache: recently used images' dense state, bounded in bytes.
 
-An annotator opens a task (one ``/predict``), then clicks, drags boxes and types
-phrases on that image. Every one of those gestures is answered from the same
-dense features, keys and label probabilities; the cache keeps them for the
-images seen last, bounded in bytes, least recently used out.
+It sits in front of the on-disk :class:`~maskclip_engine.feature_store.FeatureStore`
+(see :mod:`maskclip_engine.feature_source`) and also keeps the per-label dense
+states smart-tool gestures are answered from. Keys are any hashable value that
+says everything the entry depends on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
 import torch
-
-
-def image_digest(rgb: np.ndarray) -> str:
-    """Identity of an ``HxWx3 uint8`` image by content: the same pixels from any URL share one entry."""
-    array = np.ascontiguousarray(rgb)
-    digest = hashlib.blake2b(array.data, digest_size=16)
-    digest.update(str(array.shape).encode())
-    return digest.hexdigest()
-
-
-def options_digest(**parts: Any) -> str:
-    """A short, order-independent digest of JSON-able options (label prompts, segment options, ...)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """What decides an entry: the image's content, the model version that encoded it, the options."""
-
-    image: str
-    model_version: str
-    options: str
 
 
 def tensor_bytes(value: Any) -> int:
@@ -59,7 +33,7 @@ def tensor_bytes(value: Any) -> int:
 
 
 class FeatureCache:
-    """A thread-safe LRU map from :class:`CacheKey` to dense state, bounded by ``max_mb`` megabytes.
+    """A thread-safe LRU map from keys to tensors (or dataclasses of them), bounded by ``max_mb`` megabytes.
 
     ``max_mb=0`` disables it: nothing is stored. An entry larger than the whole
     budget is not stored either. ``get_or_compute`` runs the computation outside
@@ -72,7 +46,7 @@ class FeatureCache:
             raise ValueError(f"the feature cache size must be 0 or more megabytes, got {max_mb}.")
         self.max_bytes = int(max_mb * 1024 * 1024)
         self._sizeof = sizeof
-        self._items: OrderedDict[CacheKey, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -91,11 +65,11 @@ class FeatureCache:
         with self._lock:
             return len(self._items)
 
-    def __contains__(self, key: CacheKey) -> bool:
+    def __contains__(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._items
 
-    def get(self, key: CacheKey) -> Any | None:
+    def get(self, key: Hashable) -> Any | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -105,7 +79,7 @@ class FeatureCache:
             self.hits += 1
             return item[0]
 
-    def put(self, key: CacheKey, value: Any) -> None:
+    def put(self, key: Hashable, value: Any) -> None:
         size = self._sizeof(value)
         if size > self.max_bytes:
             return
@@ -119,7 +93,7 @@ class FeatureCache:
                 _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= evicted
 
-    def get_or_compute(self, key: CacheKey, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, bool]:
         """The cached value and ``True``, or a freshly computed (and stored) one and ``False``."""
         value = self.get(key)
         if value is not None:

@@ -1,4 +1,5 @@
-"""Interactive regions: a click, a box or a phrase becomes a mask, from one image's cached dense state.
+"""Interactive regions: a click, a box or a phrase (the annotator's gestures) becomes a mask, from one
+image's dense state.
 
 Everything here works on the feature grid of one image (a few thousand
 locations at most) and is cheap; the image encoder ran once, before.
@@ -49,56 +50,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .dense_state import DenseState, Point
 from .errors import InvalidOptionError
 
-Point = tuple[float, float]  # (x, y) in pixels of the original image
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels of the original image
 
 
 @dataclass(frozen=True)
-class DenseState:
-    """One image's dense state on its feature grid; shared by segmentation and interactions.
-
-    ``features`` ``[D, h, w]`` (CLIP joint space), ``keys`` ``[K, h, w]``,
-    ``probs`` ``[C, h, w]`` (refined label probabilities for ``labels``), all
-    float32 on the CPU. Features and keys are stored L2-normalised per location
-    (only their directions matter here, and every gesture would otherwise
-    normalise them again). ``image_size`` is the original
-    ``(height, width)``; the grid covers the whole image, resized to
-    ``(h * stride, w * stride)``.
-    """
-
-    features: torch.Tensor
-    keys: torch.Tensor
-    probs: torch.Tensor
-    labels: tuple[str, ...]
-    image_size: tuple[int, int]
-    stride: int
-
-    neighbours: torch.Tensor | None = None  # [9, h, w] key cosine to each 3x3 neighbour; computed if not given
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "features", F.normalize(self.features.float(), dim=0))
-        object.__setattr__(self, "keys", F.normalize(self.keys.float(), dim=0))
-        if self.neighbours is None:
-            object.__setattr__(self, "neighbours", neighbour_similarity(self.keys))
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return int(self.features.shape[1]), int(self.features.shape[2])
-
-    def cell(self, point: Point) -> tuple[int, int]:
-        """The grid cell ``(row, col)`` that holds an image pixel ``(x, y)`` (clamped to the image)."""
-        height, width = self.image_size
-        rows, cols = self.grid
-        x, y = point
-        col = int(np.clip(np.floor(x / width * cols), 0, cols - 1))
-        row = int(np.clip(np.floor(y / height * rows), 0, rows - 1))
-        return row, col
-
-
-@dataclass(frozen=True)
-class Prompts:
+class Gestures:
     """What the annotator gave: clicks and a box in image pixels, a phrase embedding, a label index.
 
     ``label`` indexes :attr:`DenseState.labels` (``None``: no label known).
@@ -137,22 +96,22 @@ class InteractiveMask:
     label: int | None
 
 
-def interactive_mask(state: DenseState, prompts: Prompts, params: RegionParams | None = None) -> InteractiveMask:
-    """The mask the prompts ask for; empty when they ask for nothing."""
+def interactive_mask(state: DenseState, gestures: Gestures, params: RegionParams | None = None) -> InteractiveMask:
+    """The mask the gestures ask for; empty when they ask for nothing."""
     params = params or RegionParams()
-    if prompts.label is not None and not 0 <= prompts.label < len(state.labels):
-        raise InvalidOptionError(f"label index {prompts.label} is out of range for {len(state.labels)} labels.")
+    if gestures.label is not None and not 0 <= gestures.label < len(state.labels):
+        raise InvalidOptionError(f"label index {gestures.label} is out of range for {len(state.labels)} labels.")
     height, width = state.image_size
-    if prompts.text is not None:
-        score = phrase_scores(state, prompts.text, prompts.competitors, params)
+    if gestures.text is not None:
+        score = phrase_scores(state, gestures.text, gestures.competitors, params)
         peak = float(score.max())
         threshold = min(params.threshold, 0.5 * peak) if peak > 0 else params.threshold
         # Refine the phrase map with clicks and a box when the annotator gave them too.
-        if prompts.positive or prompts.box is not None or prompts.negative:
-            score = torch.maximum(score, region_scores(state, prompts, params)[0])
+        if gestures.positive or gestures.box is not None or gestures.negative:
+            score = torch.maximum(score, region_scores(state, gestures, params)[0])
         seeds: list[tuple[int, int]] = []
     else:
-        score, seeds = region_scores(state, prompts, params)
+        score, seeds = region_scores(state, gestures, params)
         threshold = params.threshold
     if seeds:
         score = torch.where(connected_to(score >= threshold, seeds), score, torch.zeros_like(score))
@@ -164,11 +123,11 @@ def interactive_mask(state: DenseState, prompts: Prompts, params: RegionParams |
             top, bottom = int(row * height / rows), int(np.ceil((row + 1) * height / rows))
             left, right = int(col * width / cols), int(np.ceil((col + 1) * width / cols))
             mask[top:bottom, left:right] = True
-    if prompts.box is not None:
-        mask &= _box_pixels(prompts.box, (height, width))
+    if gestures.box is not None:
+        mask &= _box_pixels(gestures.box, (height, width))
     grid_mask = score >= threshold
     mean = float(score[grid_mask].mean()) if bool(grid_mask.any()) else 0.0
-    return InteractiveMask(mask=mask.numpy(), score=mean, label=prompts.label)
+    return InteractiveMask(mask=mask.numpy(), score=mean, label=gestures.label)
 
 
 def upsample_mask(score: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
@@ -209,17 +168,17 @@ def _linear_weights(start: int, stop: int, size: int, cells: int) -> torch.Tenso
 
 # --------------------------------------------------------------------- clicks and boxes
 def region_scores(
-    state: DenseState, prompts: Prompts, params: RegionParams
+    state: DenseState, gestures: Gestures, params: RegionParams
 ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Grid scores ``[h, w]`` in ``[0, 1]`` for clicks and a box, and the seed cells they grow from."""
     rows, cols = state.grid
-    seeds = [state.cell(p) for p in prompts.positive]
+    seeds = [state.cell(p) for p in gestures.positive]
     inside = torch.ones(rows, cols, dtype=torch.bool)
     ring: torch.Tensor | None = None
-    if prompts.box is not None:
-        inside, ring = _box_cells(state, prompts.box)
-        seeds += _box_seeds(state, prompts, inside)
-    label_probs = state.probs[prompts.label] if prompts.label is not None else None
+    if gestures.box is not None:
+        inside, ring = _box_cells(state, gestures.box)
+        seeds += _box_seeds(state, gestures, inside)
+    label_probs = state.probs[gestures.label] if gestures.label is not None else None
 
     if not seeds:
         if label_probs is None:
@@ -233,7 +192,7 @@ def region_scores(
             agreement = float(torch.stack([label_probs[r, c] for r, c in seeds]).mean())
             score = torch.maximum(positive, agreement * label_probs)
 
-    negatives = [_vectors(state, [state.cell(p)]) for p in prompts.negative]
+    negatives = [_vectors(state, [state.cell(p)]) for p in gestures.negative]
     if ring is not None:
         # The ring outside a box is background, except where it continues what the seeds point at
         # (a loose box cutting through the object must not turn the object into a negative).
@@ -286,12 +245,12 @@ def _box_cells(state: DenseState, box: Box) -> tuple[torch.Tensor, torch.Tensor]
     return inside, grown & ~inside
 
 
-def _box_seeds(state: DenseState, prompts: Prompts, inside: torch.Tensor) -> list[tuple[int, int]]:
+def _box_seeds(state: DenseState, gestures: Gestures, inside: torch.Tensor) -> list[tuple[int, int]]:
     """The box centre, plus the label's most confident location in the box when MaskCLIP is confident there."""
-    x0, y0, x1, y1 = prompts.box  # type: ignore[misc]
+    x0, y0, x1, y1 = gestures.box  # type: ignore[misc]
     seeds = [state.cell(((x0 + x1) / 2, (y0 + y1) / 2))]
-    if prompts.label is not None:
-        probs = torch.where(inside, state.probs[prompts.label], torch.full_like(inside, -1.0, dtype=torch.float32))
+    if gestures.label is not None:
+        probs = torch.where(inside, state.probs[gestures.label], torch.full_like(inside, -1.0, dtype=torch.float32))
         best = int(probs.argmax())
         if float(probs.flatten()[best]) >= 0.5:
             seeds.append(divmod(best, state.grid[1]))
@@ -340,25 +299,6 @@ def phrase_scores(
         logits = torch.cat([phrase[None], others]) * params.logit_scale
         probs = torch.minimum(probs, torch.softmax(logits, dim=0)[0])
     return local_key_smoothing(probs.reshape(state.grid), state.neighbours)
-
-
-def neighbour_similarity(keys: torch.Tensor, radius: int = 1) -> torch.Tensor:
-    """Cosine ``[S, h, w]`` of each location's key with its neighbour's at each of the ``S = (2r+1)^2``
-    offsets (row-major, the location itself in the middle); ``-inf`` where the neighbour is off the grid.
-
-    It depends on the image alone, so a :class:`DenseState` computes it once.
-    """
-    _, rows, cols = keys.shape
-    unit = F.normalize(keys.float(), dim=0)
-    padded = F.pad(unit, (radius, radius, radius, radius))
-    inside = F.pad(torch.ones(rows, cols, dtype=torch.bool), (radius, radius, radius, radius))
-    out = []
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            window = (slice(dy, dy + rows), slice(dx, dx + cols))
-            similarity = (unit * padded[(slice(None), *window)]).sum(0)
-            out.append(similarity.masked_fill(~inside[window], float("-inf")))
-    return torch.stack(out)
 
 
 def local_key_smoothing(scores: torch.Tensor, similarity: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:

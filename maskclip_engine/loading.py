@@ -73,6 +73,11 @@ class LoadedClip:
     def visual(self) -> torch.nn.Module:
         return self.model.visual
 
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        """The dtype the backbone computes in: bf16, fp16, or float32."""
+        return AUTOCAST_DTYPES.get(self.precision, torch.float32)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Where the image backbone runs: autocast in bf16/fp16, a no-op in fp32. Heads stay outside it."""
         return backbone_autocast(self.device, self.precision)

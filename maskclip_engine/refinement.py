@@ -1,20 +1,11 @@
-"""MaskCLIP's two training-free refinements, applied per image (or window) on the feature grid.
+"""MaskCLIP's training-free refinement of one image (or window) on its feature grid: prompt denoising,
+then key smoothing (:mod:`.prompt_denoising`, :mod:`.key_smoothing`).
 
-* Prompt denoising (PD): a class whose probability never reaches the threshold
-  anywhere in the image is taken to be absent and removed.
-* Key smoothing (KS): each location's class probabilities become a
-  key-similarity weighted sum of all locations' probabilities, so locations
-  that the last attention layer sees as alike agree with each other.
-
-Two KS variants: ``cosine``, the paper's per-location cosine weights with the
-result renormalised to probabilities (the product's default), and
-``released``, what MaskCLIP's released code computes (keys normalised per
-channel over locations, raw ``W p`` where the top probability is below
-``ks_threshold``). Under every variant PD reads ``softmax(logit_scale *
-logits)`` and the background threshold reads a probability (see
-:func:`refine`). One deliberate difference from the released code: a class PD
-removed never wins a location; there it keeps score 0 and can win where every
-kept class's raw ``W p`` is negative.
+Under every key-smoothing variant PD reads ``softmax(logit_scale * logits)`` and
+the background threshold reads a probability (see :func:`refine`). One
+deliberate difference from the released code: a class PD removed never wins a
+location; there it keeps score 0 and can win where every kept class's raw
+``W p`` is negative.
 
 Slide inference either refines once on the windows' averaged logits and keys,
 or (:func:`average_windows`) refines inside each window and averages the
@@ -25,9 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from .key_smoothing import key_smoothing, key_smoothing_released, renormalised
+from .prompt_denoising import class_probabilities, prompt_denoising
+
+if TYPE_CHECKING:
+    from .config import SegmentOptions
 
 
 @dataclass(frozen=True)
@@ -49,71 +47,6 @@ class Refined:
     def label_scores(self) -> torch.Tensor:
         """What the label is the argmax of: ``scores`` when set, else ``probs``."""
         return self.probs if self.scores is None else self.scores
-
-
-def class_probabilities(logits: torch.Tensor, logit_scale: float, kept: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax over classes (dim 0) of scaled cosine logits; removed classes get probability 0."""
-    scaled = logits * logit_scale
-    if kept is not None:
-        mask = (~kept).view(-1, *([1] * (logits.ndim - 1)))
-        scaled = scaled.masked_fill(mask, float("-inf"))
-    return torch.softmax(scaled, dim=0)
-
-
-def prompt_denoising(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Which classes stay: those whose maximum probability over all locations reaches ``threshold``.
-
-    ``probs`` is ``[C, ...]``. If no class reaches it, the most confident class
-    stays, so an image never loses every label.
-    """
-    peak = probs.flatten(1).amax(dim=1)
-    kept = peak >= threshold
-    if not bool(kept.any()):
-        kept[int(peak.argmax())] = True
-    return kept
-
-
-def renormalised(scores: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Scores ``[C, ...]`` clipped at zero and scaled to sum to one over classes at each location.
-
-    The argmax is unchanged wherever some class scores above zero; a location
-    where none does (dissimilar neighbours outweigh everything) takes
-    ``fallback``'s values rather than an arbitrary answer.
-    """
-    positive = scores.clamp_min(0)
-    total = positive.sum(dim=0, keepdim=True)
-    return torch.where(total <= 1e-12, fallback, positive / total.clamp_min(1e-12))
-
-
-def key_smoothing(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The paper's KS: ``p'_i = sum_j cos(k_i, k_j) p_j`` over all locations, renormalised per location.
-
-    ``probs`` is ``[C, h, w]``, ``keys`` ``[K, h, w]``. The weights are cosine
-    similarities of per-location L2-normalised keys. The result is clipped at
-    zero and renormalised to sum to one per location (:func:`renormalised`):
-    the argmax is that of the plain weighted sum, and the values stay
-    probabilities so the background threshold keeps its meaning.
-    """
-    flat_keys = F.normalize(keys.flatten(1).float(), dim=0)  # [K, N]: each location's key has unit length
-    weights = flat_keys.T @ flat_keys  # [N, N], symmetric
-    flat = probs.flatten(1)
-    return renormalised(flat @ weights, flat).reshape(probs.shape)
-
-
-def key_smoothing_released(probs: torch.Tensor, keys: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """KS as MaskCLIP's released code computes it: raw ``W p`` scores, not probabilities.
-
-    Keys ``[K, h, w]`` are L2-normalised per channel over all locations (the
-    released code normalises ``[N, L, C]`` keys along dim 1, the locations),
-    ``W = k k^T`` over locations, and ``p'_i = sum_j W_ij p_j`` replaces ``p_i``
-    wherever the top probability is below ``threshold``; elsewhere ``p_i``
-    stays. No clipping, no renormalisation: only the argmax is meaningful.
-    """
-    flat_keys = F.normalize(keys.flatten(1).float(), dim=1)  # [K, N]: each channel has unit length over locations
-    weights = flat_keys.T @ flat_keys  # [N, N], symmetric, so p @ W is W p per class
-    flat = probs.flatten(1)
-    smoothed = torch.where(flat.amax(dim=0, keepdim=True) < threshold, flat @ weights, flat)
-    return smoothed.reshape(probs.shape)
 
 
 def refine(
@@ -147,6 +80,20 @@ def refine(
         scores = key_smoothing_released(probs, keys, ks_threshold)
         return Refined(probs=renormalised(scores, probs), kept=kept, scores=scores)
     return Refined(probs=key_smoothing(probs, keys), kept=kept)
+
+
+def refine_with_options(logits: torch.Tensor, keys: torch.Tensor | None, options: SegmentOptions) -> Refined:
+    """:func:`refine` with the refinement fields of ``options``: what ``segment`` runs on each grid."""
+    return refine(
+        logits,
+        keys,
+        logit_scale=options.logit_scale,
+        prompt_denoise=options.prompt_denoising,
+        pd_threshold=options.pd_threshold,
+        key_smooth=options.key_smoothing,
+        variant=options.key_smoothing_variant,
+        ks_threshold=options.ks_threshold,
+    )
 
 
 # The value the released code gives a class prompt denoising removed: finite, so

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .acquisition import acquisition_scores
+
 # Upsampling works on this many class-pixels at a time, so large images with
 # many labels never need a full [C, H, W] tensor.
 _UPSAMPLE_BUDGET = 1 << 26
@@ -22,6 +24,8 @@ class SegmentationResult:
     ``confidence`` is ``HxW float32``, each pixel's top class probability.
     ``scores[i]`` is the mean confidence over the pixels of ``labels[i]`` (0 if
     it has none). ``dropped`` lists the labels prompt denoising found absent.
+    ``task_scores`` are the image's acquisition scores (lower: more worth
+    annotating; see :mod:`maskclip_engine.acquisition`).
     """
 
     labels: list[str]
@@ -29,6 +33,7 @@ class SegmentationResult:
     confidence: np.ndarray
     scores: list[float]
     dropped: list[str] = field(default_factory=list)
+    task_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -147,4 +152,5 @@ def result_from_probabilities(
         confidence=confidence.cpu().numpy(),
         scores=(sums / counts).cpu().tolist(),
         dropped=[names[i] for i in torch.nonzero(~kept).flatten().tolist()],
+        task_scores=acquisition_scores(probs),
     )

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from .atomic import atomic_write
 from .loading import LoadedClip
-from .prompts import MASKCLIP_TEMPLATES, templates_digest
 from .short_context import ShortContextTower
+from .templates import MASKCLIP_TEMPLATES, templates_digest
 
 DEFAULT_MEMORY_ENTRIES = 4096  # one entry is a few KB (D float32s): a few MB at most
 

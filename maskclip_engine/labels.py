@@ -1,31 +1,11 @@
-"""Label sets and the prompt templates that turn a label into sentences."""
+"""Label sets: the labels to segment, each with its synonyms."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
 from .errors import InvalidLabelsError
-
-# MaskCLIP adds five scene-level sentences to CLIP's 80 ImageNet templates.
-SCENE_TEMPLATES: tuple[str, ...] = (
-    "there is a {} in the scene.",
-    "there is the {} in the scene.",
-    "this is a {} in the scene.",
-    "this is the {} in the scene.",
-    "this is one {} in the scene.",
-)
-
-MASKCLIP_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES) + SCENE_TEMPLATES
-
-
-def templates_digest(templates: Sequence[str]) -> str:
-    """A short id of a template list, part of every text-cache key."""
-    return hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16]
-
 
 LabelInput = str | Sequence[str]
 
@@ -72,6 +52,11 @@ class LabelSet:
     @property
     def names(self) -> list[str]:
         return [names[0] for names in self.synonyms]
+
+    @property
+    def synonyms_lists(self) -> list[list[str]]:
+        """Each label's synonyms as a list (the JSON form checkpoints and configs keep)."""
+        return [list(names) for names in self.synonyms]
 
     @property
     def prompts(self) -> list[str]:

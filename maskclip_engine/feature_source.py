@@ -1,0 +1,71 @@
+"""Where a segmenter gets an image's features: memory, then the on-disk store, then the backbone.
+
+The in-memory :class:`~maskclip_engine.feature_cache.FeatureCache` is the
+level in front of the :class:`~maskclip_engine.feature_store.FeatureStore`;
+what the backbone computes goes into both. Counters say where answers came
+from (tests and benchmarks read them).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .feature_cache import FeatureCache
+from .feature_store import FeatureStore
+from .image_features import FeatureKey, ImageFeatures
+
+_STORED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class FeatureSource:
+    """Thread-safe lookup of :class:`ImageFeatures` by :class:`FeatureKey`; either level may be absent."""
+
+    def __init__(self, memory: FeatureCache | None = None, store: FeatureStore | None = None) -> None:
+        self.memory = memory if memory is not None and memory.enabled else None
+        self.store = store if store is not None and store.enabled else None
+        self._lock = threading.Lock()
+        self.from_memory = self.from_store = self.computed = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.memory is not None or self.store is not None
+
+    def get(self, key: FeatureKey, device: torch.device | str) -> ImageFeatures | None:
+        if self.memory is not None and (found := self.memory.get(key)) is not None:
+            self._count("from_memory")
+            return found
+        if self.store is not None and (found := self.store.get(key, device)) is not None:
+            self._count("from_store")
+            if self.memory is not None:
+                self.memory.put(key, found)
+            return found
+        return None
+
+    def put(self, key: FeatureKey, value: ImageFeatures, backbone_dtype: torch.dtype) -> ImageFeatures:
+        """Keep freshly computed features; returns them as every later lookup will see them.
+
+        With a store, features from an fp32 backbone are rounded to the store's
+        fp16 here too, so the first answer for an image equals every later one.
+        """
+        self._count("computed")
+        if self.store is not None:
+            dtype = backbone_dtype if backbone_dtype in _STORED_DTYPES else torch.float16
+            if backbone_dtype not in _STORED_DTYPES:
+                value = ImageFeatures(
+                    value.features.to(dtype).float(),
+                    value.keys.to(dtype).float(),
+                    value.windows,
+                    value.resized,
+                    value.image_size,
+                    value.stride,
+                )
+            self.store.put(key, value, dtype)
+        if self.memory is not None:
+            self.memory.put(key, value)
+        return value
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)

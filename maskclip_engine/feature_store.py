@@ -1,0 +1,228 @@
+"""The on-disk feature store: each image's backbone output, shared by every process that can see the folder.
+
+Backend replicas and workers on many hosts point at one folder (by default
+``MODEL_DIR/features``). Each entry is one safetensors file named by the hash
+of its :class:`~maskclip_engine.image_features.FeatureKey`::
+
+    features/
+        3f/3fa9...c1.safetensors     features, keys and window geometry of one image
+
+* **Compact**: 16-bit tensors. A bf16 or fp16 backbone's outputs are stored
+  in its own dtype (exactly); an fp32 backbone's are rounded to fp16.
+* **Never served wrong**: the file's metadata holds the full key and a
+  checksum of the tensor bytes; a truncated, corrupt or mismatched entry is
+  deleted and reported as missing, so the caller recomputes it.
+* **Atomic, many writers**: entries are written to a temporary name and
+  renamed into place; two processes writing the same image write the same
+  bytes, and readers see one whole file or none.
+* **Bounded**: at most ``max_bytes`` in all; reading an entry refreshes its
+  modification time, and the least recently used entries go first. Eviction
+  runs under an advisory file lock, so concurrent writers do not all scan at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from .atomic import atomic_write
+from .image_features import FeatureKey, ImageFeatures, Window
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".safetensors"
+STALE_TEMP_S = 3600  # a temporary file this old was left by a killed writer
+_SCAN_EVERY = 32  # writes between full scans while the running total stays under the bound
+
+
+class FeatureStore:
+    """Image features on disk under ``root``, at most ``max_bytes`` (``0``: the store is off)."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"the feature store size must be 0 (off) or more bytes, got {max_bytes}.")
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self._lock = threading.Lock()
+        self._estimate: int | None = None  # bytes on disk as this process last counted them, plus its writes
+        self._writes = 0
+        self.hits = self.misses = self.rejected = 0
+
+    @classmethod
+    def sized(cls, root: Path, gigabytes: float) -> FeatureStore:
+        return cls(root, int(gigabytes * 1024**3))
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def path(self, key: FeatureKey) -> Path:
+        digest = key.digest
+        return self.root / digest[:2] / f"{digest}{SUFFIX}"
+
+    # ------------------------------------------------------------------ reading
+    def get(self, key: FeatureKey, device: torch.device | str = "cpu") -> ImageFeatures | None:
+        """The stored features of ``key`` in float32 on ``device``, or ``None`` (missing or unusable)."""
+        if not self.enabled:
+            return None
+        path = self.path(key)
+        try:
+            features = self._read(path, key, device)
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            log.warning("feature store entry %s is unusable and is recomputed: %s", path, exc)
+            self.rejected += 1
+            self.misses += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        try:
+            os.utime(path)  # recency for eviction
+        except OSError:
+            pass
+        return features
+
+    def _read(self, path: Path, key: FeatureKey, device: torch.device | str) -> ImageFeatures:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if json.loads(meta.get("key", "null")) != key.to_dict():
+                raise ValueError("its key does not match (another image, model or option set)")
+            features, keys = handle.get_tensor("features"), handle.get_tensor("keys")
+        if meta.get("checksum") != _checksum(features, keys):
+            raise ValueError("its tensors do not match their checksum (corrupt or partly written)")
+        windows = tuple(Window(*w) for w in json.loads(meta["windows"]))
+        if features.shape[0] != len(windows) or keys.shape[0] != len(windows):
+            raise ValueError("its tensors do not hold one map per window")
+        return ImageFeatures(
+            features=features.to(device, torch.float32),
+            keys=keys.to(device, torch.float32),
+            windows=windows,
+            resized=tuple(json.loads(meta["resized"])),  # type: ignore[arg-type]
+            image_size=tuple(json.loads(meta["image_size"])),  # type: ignore[arg-type]
+            stride=int(meta["stride"]),
+        )
+
+    # ------------------------------------------------------------------ writing
+    def put(self, key: FeatureKey, value: ImageFeatures, dtype: torch.dtype = torch.float16) -> None:
+        """Store ``value`` (its tensors as ``dtype``, a 16-bit type); never raises for a full or read-only disk."""
+        if not self.enabled:
+            return
+        features = value.features.detach().to("cpu", dtype).contiguous()
+        keys = value.keys.detach().to("cpu", dtype).contiguous()
+        metadata = {
+            "key": json.dumps(key.to_dict(), sort_keys=True),
+            "checksum": _checksum(features, keys),
+            "windows": json.dumps([[w.top, w.left, w.height, w.width] for w in value.windows]),
+            "resized": json.dumps(list(value.resized)),
+            "image_size": json.dumps(list(value.image_size)),
+            "stride": str(value.stride),
+        }
+        data = save({"features": features, "keys": keys}, metadata=metadata)
+        if len(data) > self.max_bytes:
+            return
+        path = self.path(key)
+        try:
+            atomic_write(path, lambda handle: handle.write(data), durable=False)  # an entry can always be recomputed
+        except OSError as exc:
+            log.warning("could not write feature store entry %s: %s", path, exc)
+            return
+        with self._lock:
+            self._writes += 1
+            if self._estimate is not None:
+                self._estimate += len(data)
+            due = self._estimate is None or self._estimate > self.max_bytes or self._writes % _SCAN_EVERY == 0
+        if due:
+            self.evict()
+
+    # ------------------------------------------------------------------ bounding
+    def entries(self) -> Iterator[os.DirEntry]:
+        """Every stored entry (temporary files of writers at work are not entries)."""
+        if not self.root.is_dir():
+            return
+        for shard in os.scandir(self.root):
+            if shard.is_dir(follow_symlinks=False) and len(shard.name) == 2:
+                yield from (e for e in os.scandir(shard.path) if e.name.endswith(SUFFIX) and e.is_file())
+
+    def size(self) -> int:
+        """Bytes the entries take now."""
+        return sum(_stat_size(e) for e in self.entries())
+
+    def evict(self) -> int:
+        """Drop least recently used entries until the store fits its bound; returns the bytes now stored."""
+        with self._exclusive():
+            found = []
+            for entry in self.entries():
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    continue  # another process evicted it
+                found.append((stat.st_mtime, stat.st_size, entry.path))
+            total = sum(size for _, size, _ in found)
+            for _, size, path in sorted(found):
+                if total <= self.max_bytes:
+                    break
+                try:
+                    os.unlink(path)
+                    total -= size
+                except FileNotFoundError:
+                    total -= size
+            self._remove_stale_temporaries()
+        with self._lock:
+            self._estimate = total
+        return total
+
+    def _remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - STALE_TEMP_S
+        for shard in self.root.glob("??"):
+            for temporary in shard.glob(".*.tmp"):
+                try:
+                    if temporary.stat().st_mtime < cutoff:
+                        temporary.unlink()
+                except FileNotFoundError:
+                    pass
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One evictor at a time among the processes sharing the folder (advisory ``flock``)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".evict.lock", "a+b") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            except OSError:  # a file system without locks: eviction still works, only less coordinated
+                pass
+            try:
+                yield
+            finally:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                except OSError:
+                    pass
+
+
+def _checksum(*tensors: torch.Tensor) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in tensors:
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _stat_size(entry: os.DirEntry) -> int:
+    try:
+        return entry.stat().st_size
+    except FileNotFoundError:
+        return 0

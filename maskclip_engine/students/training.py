@@ -1,0 +1,337 @@
+"""MaskCLIP+ training: a student learns from human labels where they exist and pseudo-labels elsewhere.
+
+Pseudo-labels are made online for each augmented batch: from the MaskCLIP
+teacher (key smoothing and prompt denoising included) for the first part of
+the schedule, then from the student itself (self-training). Human labels
+override pseudo-labels on their pixels. SGD with a poly schedule, as in the paper.
+
+Two ways to make a batch:
+
+* ``clip`` students train on the feature grid. Each image's CLIP features and
+  keys come once from the segmenter's feature source (stored by
+  pre-annotation, so usually no backbone pass at all), and every step crops,
+  flips and rescales those grids (:func:`.augment.augment_grid`); the teacher
+  refines the cropped grids as ``segment`` would. No CLIP pass runs per step.
+* ResNet students train on pixels (:func:`.augment.augment`: scale, crop,
+  flip, photometric distortion), as the paper does; while MaskCLIP teaches,
+  each crop goes through CLIP once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidOptionError
+from ..image_features import ImageFeatures
+from ..labels import LabelSet
+from ..pamr import refine_against_image
+from ..refinement import refine_with_options
+from ..result import upsample_argmax
+from ..segmenter import Segmenter, label_logits
+from .augment import AugmentConfig, augment, augment_grid
+from .network import StudentConfig, StudentNet
+
+log = logging.getLogger(__name__)
+
+IGNORE = -1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iterations: int = 400
+    batch_size: int = 4
+    crop: int = 320  # pixels; clip students crop crop // stride grid cells
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    power: float = 0.9
+    self_training_after: float = 0.1  # fraction of the schedule taught by MaskCLIP
+    scale_range: tuple[float, float] = (0.5, 2.0)  # pixel training: of a short side of `crop` pixels
+    grid_scale_range: tuple[float, float] = (0.75, 1.5)  # grid training: of the stored grid
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations <= 0 or self.batch_size <= 0:
+            raise InvalidOptionError("iterations and batch_size must be positive.")
+        if self.crop % 32:
+            raise InvalidOptionError(f"crop {self.crop} must be a multiple of 32.")
+        if not 0 <= self.self_training_after <= 1:
+            raise InvalidOptionError("self_training_after is a fraction of the schedule, between 0 and 1.")
+        for name in ("scale_range", "grid_scale_range"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise InvalidOptionError(f"{name} must be (low, high) with 0 < low <= high, got {(low, high)}.")
+
+
+@dataclass
+class TrainingImage:
+    """One image; ``labels`` (``HxW``, -1 = not annotated) are human ground truth where given.
+
+    ``hint`` is an optional ``HxW`` label map that travels through augmentation
+    with the image, for teachers that work from precomputed labels.
+    ``features`` are the image's whole-image CLIP features when the caller
+    already has them (e.g. encoded from the full-size image before it was
+    downscaled); otherwise they are looked up or computed from ``image``.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray | None = None
+    hint: np.ndarray | None = None
+    features: ImageFeatures | None = None
+
+
+@dataclass
+class Batch:
+    human: torch.Tensor  # [B, H, W], -1 where not annotated or padding
+    hint: torch.Tensor  # [B, H, W], -1 where absent
+    valid: torch.Tensor  # [B, H, W] bool, False on padding
+    pixels: torch.Tensor | None = None  # [B, 3, H, W] RGB in 0..1 (pixel training)
+    clip_features: torch.Tensor | None = None  # [B, D, h, w]
+    clip_keys: torch.Tensor | None = None  # [B, K, h, w]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.human.shape[-2]), int(self.human.shape[-1])
+
+
+class Teacher(Protocol):
+    needs_clip: bool
+
+    def pseudo_labels(self, batch: Batch) -> torch.Tensor:
+        """``[B, H, W]`` long labels for the batch, -1 where it has no opinion."""
+
+
+class MaskClipTeacher:
+    """MaskCLIP as ``segment`` runs it, with the segmenter's options, on each training crop as one window.
+
+    Refinement (prompt denoising, either key-smoothing variant, and PAMR
+    against the crop when the batch has pixels) and the labelling step (argmax
+    of the upsampled maps, the background threshold on the upsampled
+    probability) are ``segment``'s own functions.
+    """
+
+    needs_clip = True
+
+    def __init__(self, segmenter: Segmenter, labels: LabelSet) -> None:
+        self.segmenter = segmenter
+        self.labels = labels
+        self.text, self.owner = segmenter.label_texts(labels)
+
+    def pseudo_labels(self, batch: Batch) -> torch.Tensor:
+        opts = self.segmenter.options
+        logits = label_logits(batch.clip_features, self.text, self.owner, len(self.labels))
+        pixels = batch.pixels if batch.pixels is not None else [None] * len(logits)
+        out = []
+        for sample_logits, keys, sample_pixels in zip(logits, batch.clip_keys, pixels):
+            refined = refine_with_options(sample_logits, keys, opts)
+            rows = torch.arange(len(self.labels), device=sample_logits.device)
+            if opts.pamr and sample_pixels is not None:
+                refined = refine_against_image(
+                    refined, self.segmenter.from_unit(sample_pixels), opts.pamr_iterations, opts.pamr_stride
+                )
+                if refined.probs.shape[0] != len(rows):  # PAMR keeps only the classes denoising kept
+                    rows = torch.nonzero(refined.kept).flatten()
+            label, confidence = upsample_argmax(refined.probs, batch.size, refined.scores)
+            out.append(torch.where(confidence >= opts.bg_threshold, rows[label], IGNORE))
+        return torch.stack(out)
+
+
+class MapTeacher:
+    """Pseudo-labels given ahead of time as label maps (each image's ``hint``), e.g. earlier predictions."""
+
+    needs_clip = False
+
+    def pseudo_labels(self, batch: Batch) -> torch.Tensor:
+        return batch.hint
+
+
+ProgressCallback = Callable[[dict], None]
+
+
+def train_student(
+    segmenter: Segmenter,
+    images: Sequence[TrainingImage],
+    labels: LabelSet,
+    config: TrainConfig | None = None,
+    student: StudentConfig | None = None,
+    teacher: Teacher | None = None,
+    progress: ProgressCallback | None = None,
+) -> StudentNet:
+    """Train a student for ``labels`` on ``images``; ``progress`` hears about every step.
+
+    The student learns under ``segmenter.options`` (dense mode, refinements,
+    background threshold of the teacher): record them in its checkpoint.
+    """
+    if not images:
+        raise InvalidOptionError("training needs at least one image.")
+    config = config or TrainConfig()
+    student = student or StudentConfig()
+    device = segmenter.clip.device
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    teacher = teacher or MaskClipTeacher(segmenter, labels)
+    # One row per synonym: the student scores a label by its best synonym, as the teacher does.
+    net = StudentNet(student, segmenter.text.embed(labels.prompts), owner=torch.tensor(labels.owner)).to(device)
+    optimizer = torch.optim.SGD(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    if net.needs_clip_features:
+        make_batch = _grid_batches(segmenter, images, config, rng)
+    else:
+        make_batch = _pixel_batches(segmenter, images, config, rng, teacher)
+    switch = math.ceil(config.iterations * config.self_training_after)
+    for step in range(config.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * (1 - step / config.iterations) ** config.power
+        phase = "teacher" if step < switch else "self-training"
+        batch = make_batch(phase == "teacher")
+        loss = _step(net, optimizer, teacher, batch, phase)
+        if progress is not None:
+            progress(
+                {
+                    "step": step + 1,
+                    "iterations": config.iterations,
+                    "loss": loss,
+                    "phase": phase,
+                    "lr": optimizer.param_groups[0]["lr"],
+                }
+            )
+    net.eval().requires_grad_(False)
+    return net
+
+
+def _step(net: StudentNet, optimizer: torch.optim.Optimizer, teacher: Teacher, batch: Batch, phase: str) -> float:
+    """One SGD step on ``batch``; returns the loss."""
+    with torch.no_grad():
+        if phase == "teacher":
+            pseudo = teacher.pseudo_labels(batch)
+        else:
+            net.eval()
+            pseudo = _upsampled(net(batch.pixels, batch.clip_features), batch.size).argmax(1)
+            net.train()
+    target = torch.where(batch.human >= 0, batch.human, pseudo)
+    target = torch.where(batch.valid, target, IGNORE)
+    logits = _upsampled(net(batch.pixels, batch.clip_features), batch.size)
+    loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    optimizer.zero_grad(set_to_none=True)
+    if torch.isfinite(loss):
+        loss.backward()
+        optimizer.step()
+    return loss.item()
+
+
+def _sampler(count: int, rng: np.random.Generator) -> Callable[[], int]:
+    """Image indices in shuffled passes over the data set."""
+    order: list[int] = []
+
+    def pick() -> int:
+        if not order:
+            order.extend(rng.permutation(count).tolist())
+        return order.pop()
+
+    return pick
+
+
+def _label_stack(item: TrainingImage, size: tuple[int, int] | None = None) -> np.ndarray:
+    """``[3, H, W]`` int maps that travel with the image: human labels, hint, and 0 inside the image."""
+    height, width = item.image.shape[:2]
+    blank = np.full((height, width), IGNORE, dtype=np.int64)
+    stack = np.stack(
+        [
+            item.labels if item.labels is not None else blank,
+            item.hint if item.hint is not None else blank,
+            np.zeros((height, width), dtype=np.int64),  # 0 inside the image, -1 on padding after augmentation
+        ]
+    )
+    if size is not None and size != (height, width):
+        resized = F.interpolate(torch.from_numpy(stack)[None].float(), size=size, mode="nearest")[0]
+        stack = resized.long().numpy()
+    return stack
+
+
+def _as_batch(maps: list[torch.Tensor], device: torch.device, **tensors: torch.Tensor | None) -> Batch:
+    stacked = torch.stack(maps).to(device)
+    return Batch(human=stacked[:, 0], hint=stacked[:, 1], valid=stacked[:, 2] >= 0, **tensors)
+
+
+def _grid_batches(
+    segmenter: Segmenter, images: Sequence[TrainingImage], config: TrainConfig, rng: np.random.Generator
+) -> Callable[[bool], Batch]:
+    """Batches of feature-grid crops for a ``clip`` student; each image's features are read once, here."""
+    device = segmenter.clip.device
+    grids = []
+    for item in images:
+        features = item.features or segmenter.encode(item.image, mode="whole")
+        grid_features, grid_keys = features.whole_grid()
+        # Kept in 16 bits between steps: a project's grids stay a few hundred megabytes.
+        grids.append((grid_features.half(), grid_keys.half(), _label_stack(item, features.resized), features.stride))
+    # Crops never larger than the smallest grid: a crop that is mostly padding teaches nothing.
+    cells = min(config.crop // segmenter.stride, *(min(g.shape[-2:]) for g, *_ in grids))
+    pick = _sampler(len(grids), rng)
+
+    def make(_teaching: bool) -> Batch:
+        feature_crops, key_crops, maps = [], [], []
+        for _ in range(config.batch_size):
+            grid_features, grid_keys, stack, stride = grids[pick()]
+            f, k, m = augment_grid(
+                grid_features.float(),
+                grid_keys.float(),
+                torch.from_numpy(stack),
+                stride,
+                cells,
+                config.grid_scale_range,
+                rng,
+            )
+            feature_crops.append(f)
+            key_crops.append(k)
+            maps.append(m)
+        return _as_batch(
+            maps,
+            device,
+            clip_features=torch.stack(feature_crops).to(device),
+            clip_keys=torch.stack(key_crops).to(device),
+        )
+
+    return make
+
+
+def _pixel_batches(
+    segmenter: Segmenter,
+    images: Sequence[TrainingImage],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    teacher: Teacher,
+) -> Callable[[bool], Batch]:
+    """Batches of augmented pixel crops for a ResNet student; CLIP sees a crop only while it teaches."""
+    device = segmenter.clip.device
+    augment_config = AugmentConfig(crop=config.crop, base_short_side=config.crop, scale_range=config.scale_range)
+    pick = _sampler(len(images), rng)
+
+    def make(teaching: bool) -> Batch:
+        pixels, maps = [], []
+        for _ in range(config.batch_size):
+            item = images[pick()]
+            x, m = augment(item.image, _label_stack(item), augment_config, rng)
+            pixels.append(x)
+            maps.append(m)
+        batch = _as_batch(maps, device, pixels=torch.stack(pixels).to(device))
+        if teaching and teacher.needs_clip:
+            batch.clip_features, batch.clip_keys = segmenter.dense_features_and_keys(segmenter.from_unit(batch.pixels))
+        return batch
+
+    return make
+
+
+def _upsampled(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
