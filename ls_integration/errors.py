@@ -1,27 +1,27 @@
-"""Errors the backend turns into clear HTTP answers or per-task reasons."""
+"""Errors about Label Studio and what it sends: clear HTTP answers for the backend, per-task reasons for runs."""
+
+from maskclip_service.errors import ServiceError
 
 
-class BackendError(Exception):
-    """Base class; ``status`` is the HTTP status the request gets."""
-
-    status = 400
+class LabelStudioError(ServiceError):
+    """Base class of this package's errors; ``status`` is the HTTP status a request that meets it gets."""
 
 
-class ConfigurationError(BackendError):
-    """An environment variable has a value the backend cannot use."""
-
-    status = 500
-
-
-class UnsupportedLabelConfigError(BackendError):
+class UnsupportedLabelConfigError(LabelStudioError):
     """The project's labeling config has nothing this backend can predict."""
 
 
-class BadRequestError(BackendError):
+class BadRequestError(LabelStudioError):
     """The request body is not what Label Studio sends."""
 
 
-class ImageFetchError(BackendError):
+class TooManyTasksError(LabelStudioError):
+    """A request carries more work than the backend's limits allow."""
+
+    status = 413
+
+
+class ImageFetchError(LabelStudioError):
     """A task's image could not be fetched or is not allowed; the task gets an empty prediction."""
 
 
@@ -29,19 +29,15 @@ class ImageHostUnreachableError(ImageFetchError):
     """The image's host did not answer at all (connection refused, timed out), even after retries."""
 
 
-class WarmupBusyError(BackendError):
-    """Too many label configs are being prepared at once (a flood of new configs)."""
+class HostNotAllowedError(LabelStudioError):
+    """A ``/setup`` named a Label Studio host other than the pinned one."""
 
-    status = 429
-
-
-class QueueUnavailableError(BackendError):
-    """Training cannot be queued right now."""
-
-    status = 503
+    status = 403
 
 
-class TooManyTasksError(BackendError):
-    """A request carries more work than the backend's limits allow."""
+class ProjectDataError(LabelStudioError):
+    """The project cannot be read from Label Studio, or the worker does not know where it is."""
 
-    status = 413
+
+class AnnotationError(ValueError):
+    """An annotation whose regions cannot be read; it is skipped, its image still trains."""

@@ -19,12 +19,13 @@ import requests
 
 from maskclip_engine import InvalidImageError
 from maskclip_engine.images import decode_image
+from maskclip_service.origins import host_allowed, origin
+from maskclip_service.settings import Settings
 
+from .auth import LabelStudioAuth
 from .errors import ImageFetchError, ImageHostUnreachableError
 from .ids import is_id
-from .label_studio import LabelStudioAuth, host_allowed, origin
 from .retrying import retrying_session
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,19 +23,13 @@ import threading
 from pathlib import Path
 
 from maskclip_engine.atomic import atomic_write
+from maskclip_service.origins import origin
 
-from .errors import BackendError, BadRequestError
-from .label_studio import origin
+from .errors import BadRequestError, HostNotAllowedError
 
 log = logging.getLogger(__name__)
 
 PIN_FILE = "label_studio_host.json"
-
-
-class HostNotAllowedError(BackendError):
-    """A ``/setup`` named a Label Studio host other than the pinned one."""
-
-    status = 403
 
 
 def pin_path(model_dir: Path) -> Path:

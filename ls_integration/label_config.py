@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -52,6 +53,21 @@ class ProjectSchema:
     def data_keys(self) -> list[str]:
         return sorted({c.data_key for c in self.controls})
 
+    @property
+    def texts(self) -> list[str]:
+        """Every label text and synonym of every output control, once each (what text embeddings are made of)."""
+        return list(dict.fromkeys(text for control in self.controls for prompts in control.prompts for text in prompts))
+
+    @property
+    def labels_digest(self) -> str:
+        """A short id of the label set proposals are made for: each output control's labels and synonyms.
+
+        It is part of MaskCLIP's model version, so proposals for different
+        label sets carry different versions.
+        """
+        parts = [[c.from_name, c.to_name, list(c.labels), [list(p) for p in c.prompts]] for c in self.controls]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:6]
+
     def output_for(self, to_name: str) -> LabelControl | None:
         """The brush (preferred) or polygon control that interactive masks on image ``to_name`` are given to."""
         on_image = [c for c in self.controls if c.to_name == to_name]
@@ -73,54 +89,14 @@ def parse_label_config(config: str, max_labels: int = 1000, max_prompts: int = 4
         raise UnsupportedLabelConfigError(f"the labeling config is not valid XML: {exc}") from exc
 
     objects = {obj.name: obj for obj in interface.objects}
-    controls = []
+    controls: list[LabelControl] = []
     smart: list[SmartControl] = []
     seen = []
-    total_labels = total_prompts = 0
     for control in interface.controls:
-        kind = control.tag.lower()
         seen.append(control.tag)
-        if kind in SMART_CONTROLS and (kind == "textarea" or _true(control.attr.get("smart"))):
-            smart += [
-                SmartControl(control.name, to_name, SMART_CONTROLS[kind], tuple(getattr(control, "labels", ()) or ()))
-                for to_name in control.to_name
-                if to_name in objects and objects[to_name].tag.lower() == "image"
-            ]
-        if kind not in SUPPORTED_CONTROLS:
-            continue
-        for to_name in control.to_name:
-            target = objects.get(to_name)
-            if target is None or target.tag.lower() != "image":
-                continue
-            if not target.value or not target.value.startswith("$"):
-                continue
-            labels = tuple(control.labels)
-            if not labels:
-                raise UnsupportedLabelConfigError(f"<{control.tag} name={control.name!r}> has no <Label> values.")
-            total_labels += len(labels)
-            if total_labels > max_labels:
-                raise UnsupportedLabelConfigError(
-                    f"the config has over {max_labels} labels (at <{control.tag} name={control.name!r}>, all "
-                    f"controls counted), over this backend's limit; raise MASKCLIP_MAX_LABELS to allow more."
-                )
-            prompts = tuple(_prompts(label, control.labels_attrs[label].attr) for label in labels)
-            total_prompts += sum(len(p) for p in prompts)
-            if total_prompts > max_prompts:
-                raise UnsupportedLabelConfigError(
-                    f"the config has over {max_prompts} label texts and predicted_values synonyms (at "
-                    f"<{control.tag} name={control.name!r}>, all controls counted), over this backend's limit; "
-                    "raise MASKCLIP_MAX_PROMPTS to allow more."
-                )
-            controls.append(
-                LabelControl(
-                    from_name=control.name,
-                    to_name=to_name,
-                    data_key=target.value[1:],
-                    result_type=SUPPORTED_CONTROLS[kind],
-                    labels=labels,
-                    prompts=prompts,
-                )
-            )
+        smart += _smart_controls(control, objects)
+        controls += _label_controls(control, objects)
+        _check_limits(controls, control, max_labels, max_prompts)
     if not controls:
         found = ", ".join(f"<{t}>" for t in dict.fromkeys(seen)) or "no control tags"
         raise UnsupportedLabelConfigError(
@@ -128,6 +104,52 @@ def parse_label_config(config: str, max_labels: int = 1000, max_prompts: int = 4
             'Add e.g. <BrushLabels name="tag" toName="image"><Label value="cat"/></BrushLabels>.'
         )
     return ProjectSchema(tuple(controls), tuple(s for s in smart if any(c.to_name == s.to_name for c in controls)))
+
+
+def _smart_controls(control, objects: dict) -> list[SmartControl]:
+    """A smart ``<KeyPointLabels>``/``<RectangleLabels>`` or a ``<TextArea>`` on images, as prompt controls."""
+    kind = control.tag.lower()
+    if kind not in SMART_CONTROLS or (kind != "textarea" and not _true(control.attr.get("smart"))):
+        return []
+    labels = tuple(getattr(control, "labels", ()) or ())
+    return [
+        SmartControl(control.name, to_name, SMART_CONTROLS[kind], labels)
+        for to_name in control.to_name
+        if to_name in objects and objects[to_name].tag.lower() == "image"
+    ]
+
+
+def _label_controls(control, objects: dict) -> list[LabelControl]:
+    """A ``<BrushLabels>``/``<PolygonLabels>`` control, once per image it labels."""
+    kind = control.tag.lower()
+    if kind not in SUPPORTED_CONTROLS:
+        return []
+    found = []
+    for to_name in control.to_name:
+        target = objects.get(to_name)
+        if target is None or target.tag.lower() != "image" or not target.value or not target.value.startswith("$"):
+            continue
+        labels = tuple(control.labels)
+        if not labels:
+            raise UnsupportedLabelConfigError(f"<{control.tag} name={control.name!r}> has no <Label> values.")
+        prompts = tuple(_prompts(label, control.labels_attrs[label].attr) for label in labels)
+        found.append(LabelControl(control.name, to_name, target.value[1:], SUPPORTED_CONTROLS[kind], labels, prompts))
+    return found
+
+
+def _check_limits(controls: list[LabelControl], control, max_labels: int, max_prompts: int) -> None:
+    """Every label and synonym costs a text embedding and a class in every segmentation: both are capped."""
+    if sum(len(c.labels) for c in controls) > max_labels:
+        raise UnsupportedLabelConfigError(
+            f"the config has over {max_labels} labels (at <{control.tag} name={control.name!r}>, all "
+            f"controls counted), over this backend's limit; raise MASKCLIP_MAX_LABELS to allow more."
+        )
+    if sum(len(p) for c in controls for p in c.prompts) > max_prompts:
+        raise UnsupportedLabelConfigError(
+            f"the config has over {max_prompts} label texts and predicted_values synonyms (at "
+            f"<{control.tag} name={control.name!r}>, all controls counted), over this backend's limit; "
+            "raise MASKCLIP_MAX_PROMPTS to allow more."
+        )
 
 
 def _true(value: object) -> bool:

@@ -1,9 +1,8 @@
-"""Predictions for Label Studio tasks: fetch images, segment them, shape the results."""
+"""Predictions for Label Studio tasks: fetch images, segment them (the backbone only for images the feature
+store does not hold), shape the results."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -15,54 +14,26 @@ from typing import Any
 
 import numpy as np
 
-from maskclip_engine import LabelSet, SegmentationResult, Segmenter, SegmentOptions
-from maskclip_engine.registry import ModelRegistry, StudentVersion
-from maskclip_engine.student import StudentCheckpoint
-from maskclip_engine.student_segmenter import StudentSegmenter
+from maskclip_engine import LabelSet, SegmentationResult, Segmenter
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.registry import ModelRegistry, StudentVersion
+from maskclip_engine.students.serving import StudentSegmenter
+from maskclip_service.device_lock import device_lock, set_torch_threads
+from maskclip_service.prometheus import Metrics
+from maskclip_service.settings import Settings
+from maskclip_service.warmup import TextWarmup
 
+from .auth import LabelStudioAuth
+from .connection import label_studio_target
 from .errors import ImageFetchError
 from .fetching import ImageFetcher
-from .inference import device_lock, set_torch_threads
-from .interactive import InteractiveAnnotator, context_regions, parse_gestures
 from .label_config import LabelControl, ProjectSchema
-from .label_studio import LabelStudioAuth
-from .metrics import Metrics
-from .project_store import ProjectLink, ProjectStore
+from .project_links import ProjectLink, ProjectLinks
 from .regions import brush_region, polygon_regions
-from .settings import Settings
-from .warmup import TextWarmup
+from .smart_tools import InteractiveAnnotator, context_regions, parse_gestures
+from .versions import is_student_version, maskclip_version, model_version
 
 log = logging.getLogger(__name__)
-
-
-def model_version(model_id: str, weights_id: str, options: SegmentOptions) -> str:
-    """A stable name for what produces the predictions, e.g. ``maskclip-ViT-B-16-openai-ks-pd``.
-
-    Label Studio skips tasks that already hold a prediction of the current
-    version, so anything that changes the masks changes the version: the
-    dense mode, model, weights (tag or file hash), refinements, other
-    non-default settings (a short hash), a model config file's hash, and
-    QuickGELU forced onto weights that do not imply it.
-    """
-    name_and_config, _, flag = model_id.partition("+")
-    name, _, config_hash = name_and_config.partition("@")
-    kind, _, value = weights_id.partition(":")
-    weights = value if kind == "tag" else f"w{value[:8]}" if value else kind
-    parts = [options.dense_mode, name.replace("/", "-"), weights]
-    if options.key_smoothing:
-        parts.append("ks")
-    if options.prompt_denoising:
-        parts.append("pd")
-    named = ("key_smoothing", "prompt_denoising", "batch_size", "dense_mode")
-    rest = {k: v for k, v in options.to_dict().items() if k not in named}
-    defaults = {k: v for k, v in SegmentOptions().to_dict().items() if k in rest}
-    if rest != defaults:
-        parts.append(hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6])
-    if config_hash:
-        parts.append(config_hash[:6])
-    if flag == "quickgelu" and kind != "tag":
-        parts.append("qg")
-    return "-".join(parts)
 
 
 class Predictor:
@@ -73,23 +44,21 @@ class Predictor:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.options = settings.segment
-        self.version = model_version(segmenter.clip.model_id, segmenter.clip.weights_id, self.options)
-        self._default_auth = (
-            LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
-            if settings.label_studio_url
-            else None
-        )
+        # MaskCLIP's version without the label set; each project's adds its labels (maskclip_version).
+        self.base_version = model_version(segmenter.clip.model_id, segmenter.clip.weights_id, self.options)
         self.registry = ModelRegistry(settings.model_dir)
         # Loaded students, least recently used first; at most settings.student_cache_size stay in memory.
         self._students: OrderedDict[Path, tuple[float, StudentSegmenter]] = OrderedDict()
-        self.projects = ProjectStore(settings.model_dir)  # shared by every replica and worker
+        self.projects = ProjectLinks(settings.model_dir)  # shared by every replica and worker
         # One fetcher (its session and connection pool) per Label Studio host and key, reused by every request.
         self._fetchers: dict[tuple[str, str | None] | None, ImageFetcher] = {}
+        self._default_fetcher = ImageFetcher(settings, None)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=settings.fetch_threads, thread_name_prefix="fetch")
         set_torch_threads(settings.torch_threads)
         self._device_lock = device_lock(segmenter.clip.device)
-        self.interactive = InteractiveAnnotator(segmenter, settings.feature_cache_mb, self._device_lock)
+        # Half the memory budget keeps dense states for gestures; the segmenter's feature level has the other half.
+        self.interactive = InteractiveAnnotator(segmenter, settings.feature_cache_mb / 2, self._device_lock)
         self.warmup = TextWarmup(segmenter, settings.max_warmups, settings.warmup_queue, self._device_lock)
 
     @classmethod
@@ -108,24 +77,29 @@ class Predictor:
 
         Bounded (see :class:`TextWarmup`): raises ``WarmupBusyError`` (429) in a flood of new configs.
         """
-        return self.warmup.submit(schema)
+        return self.warmup.submit(schema.texts)
 
     def fetcher_for(self, project: str | None) -> ImageFetcher:
-        link = self.project_link(project) if project and self._default_auth is None else None
-        key = (link.hostname, link.access_token) if link is not None and link.hostname else None
+        """The image fetcher for ``project``'s Label Studio (:func:`.connection.label_studio_target`)."""
+        target = label_studio_target(self.settings, project, self.projects)
+        if target is None:
+            return self._default_fetcher
         with self._lock:
-            fetcher = self._fetchers.get(key)
+            fetcher = self._fetchers.get(target)
             if fetcher is None:
-                auth = LabelStudioAuth(*key) if key is not None else self._default_auth
-                fetcher = self._fetchers[key] = ImageFetcher(self.settings, auth)
+                fetcher = self._fetchers[target] = ImageFetcher(self.settings, LabelStudioAuth(*target))
             return fetcher
+
+    def maskclip_version(self, schema: ProjectSchema | None) -> str:
+        """The version of MaskCLIP's proposals for a project with this labeling config."""
+        return maskclip_version(self.base_version, schema)
 
     # ------------------------------------------------------------ students
     def student_for(
         self, project: str | None, control: LabelControl, requested: str | None = None
     ) -> tuple[str, StudentSegmenter] | None:
         """The project's active student (or the ``requested`` version) if it was trained for ``control``."""
-        if not project or requested == self.version:
+        if not project or (requested and not is_student_version(requested)):
             return None
         version = self.registry.find(project, requested) if requested else self.registry.active(project)
         if version is None:
@@ -161,21 +135,28 @@ class Predictor:
             served = self.student_for(project, schema.controls[0])
             if served is not None:
                 return served[0]
-        return self.version
+        return self.maskclip_version(schema)
 
-    def versions(self, project: str | None) -> list[dict]:
-        """MaskCLIP's version and the students of ``project``, or of every project when none is named.
+    def versions(self, project: str | None, schemas: dict[str, ProjectSchema] | None = None) -> list[dict]:
+        """MaskCLIP's versions and the students of ``project``, or of every project when none is named.
 
-        Label Studio 1.23 asks ``GET /versions`` without saying which project it
-        means; student versions name their project (``student-p12-v3``).
+        ``schemas`` are the known projects' parsed configs: MaskCLIP's version
+        names each project's label set. Label Studio 1.23 asks ``GET
+        /versions`` without saying which project it means, so then every
+        project's versions are listed (student versions name their project:
+        ``student-p12-v3``).
         """
+        schemas = schemas or {}
         students = [v.to_dict() for v in self.registry.versions(project)] if project else self.registry.all_versions()
-        base = {
-            "version": self.version,
-            "model": "maskclip",
-            "active": not (project and any(s["active"] for s in students)),
-        }
-        return [base, *students]
+        if project:
+            mine = schemas.get(project)
+            versions = [self.maskclip_version(mine)]
+            active = not any(s["active"] for s in students)
+        else:
+            versions = list(dict.fromkeys([self.maskclip_version(s) for s in schemas.values()])) or [self.base_version]
+            active = True
+        base = [{"version": v, "model": "maskclip", "active": active} for v in versions]
+        return [*base, *students]
 
     # ------------------------------------------------------------ predict
     def predict_context(
@@ -198,7 +179,7 @@ class Predictor:
             return [{"result": [], "score": 0.0, "model_version": self.project_version(project, schema)}]
         control = schema.output_for(gestures.to_name)
         served = self.student_for(project, control, requested)
-        version, student = served if served is not None else (self.version, None)
+        version, student = served if served is not None else (self.maskclip_version(schema), None)
         fetcher = self.fetcher_for(project)
         started = time.perf_counter()
         answer = self.interactive.answer(
@@ -272,56 +253,61 @@ class Predictor:
     ) -> list[dict | None]:
         images, failures = self._fetch(tasks, list(schema.data_keys), fetcher)
         regions: dict[int, list[dict]] = {i: [] for i in range(len(tasks)) if i not in failures}
-        scores: dict[int, list[float]] = {i: [] for i in regions}
-        version = self.version
+        scores: dict[int, list[float]] = {i: [] for i in regions}  # the task scores of each image it shows
+        version = self.maskclip_version(schema)
         for control in schema.controls:
             order = [i for i in regions if (i, control.data_key) in images]
             if not order:
                 continue
             batch = [images.pop((i, control.data_key)) for i in order]
-            served = self.student_for(project, control, requested)
-            waited = time.perf_counter()
-            with self._device_lock:  # one model call per device at a time: see ls_integration/inference.py
-                self.metrics.observe("maskclip_inference_wait_seconds", time.perf_counter() - waited)
-                if self.interactive.cache.enabled:  # the same forward pass keeps each image's state for clicks
-                    version, student = served if served is not None else (version, None)
-                    results = self.interactive.segment(batch, control, version, student, self.options.bg_threshold)
-                elif served is not None:
-                    version, student = served
-                    results = student.segment_batch(batch, bg_threshold=self.options.bg_threshold)
-                else:
-                    labelset = LabelSet.parse([list(p) for p in control.prompts])
-                    results = self.segmenter.segment_batch(batch, labelset)
+            version, results = self._segment(batch, control, version, self.student_for(project, control, requested))
             del batch
             for index, result in zip(order, results):
-                found = _regions(control, result)
-                regions[index] += [region for region, _ in found]
-                scores[index] += [score for _, score in found]
+                regions[index] += _regions(control, result)
+                scores[index].append(result.task_scores.get(self.settings.task_score, 0.0))
         self.metrics.count("maskclip_tasks_predicted_total", value=len(regions))
-        out: list[dict | None] = []
-        for index in range(len(tasks)):
-            if index not in regions:
-                out.append(None)
-                continue
-            task_scores = scores[index]
-            out.append(
-                {
-                    "result": regions[index],
-                    "score": round(float(np.mean(task_scores)), 4) if task_scores else 0.0,
-                    "model_version": version,
-                }
-            )
-        return out
+        return [
+            {
+                "result": regions[index],
+                # What Label Studio's Prediction score column averages: sorted ascending, uncertain tasks first.
+                "score": round(float(np.mean(scores[index])), 4) if scores[index] else 0.0,
+                "model_version": version,
+            }
+            if index in regions
+            else None
+            for index in range(len(tasks))
+        ]
+
+    def _segment(
+        self,
+        batch: list[np.ndarray],
+        control: LabelControl,
+        version: str,
+        served: tuple[str, StudentSegmenter] | None,
+    ) -> tuple[str, list[SegmentationResult]]:
+        """One control's images through its model (the student when one serves it); returns the version used."""
+        waited = time.perf_counter()
+        with self._device_lock:  # one model call per device at a time: see maskclip_service/device_lock.py
+            self.metrics.observe("maskclip_inference_wait_seconds", time.perf_counter() - waited)
+            if self.interactive.cache.enabled:  # the same pass keeps each image's dense state for clicks
+                version, student = served if served is not None else (version, None)
+                return version, self.interactive.segment(batch, control, version, student, self.options.bg_threshold)
+            if served is not None:
+                version, student = served
+                return version, student.segment_batch(batch, bg_threshold=self.options.bg_threshold)
+            labelset = LabelSet.parse([list(p) for p in control.prompts])
+            return version, self.segmenter.segment_batch(batch, labelset)
 
 
-def _regions(control: LabelControl, result: SegmentationResult) -> list[tuple[dict, float]]:
+def _regions(control: LabelControl, result: SegmentationResult) -> list[dict]:
+    """One region per present label; each region's score is that label's confidence."""
     found = []
     for name, mask in result.masks.items():
         score = result.scores[result.labels.index(name)]
         if control.result_type == "brushlabels":
-            found.append((brush_region(control, name, mask, score), score))
+            found.append(brush_region(control, name, mask, score))
         else:
-            found += [(region, score) for region in polygon_regions(control, name, mask, score)]
+            found += polygon_regions(control, name, mask, score)
     return found
 
 

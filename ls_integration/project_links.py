@@ -1,4 +1,4 @@
-"""Per-project state shared by every backend replica and worker: what ``/setup`` said about a project.
+"""Per-project links shared by every backend replica and worker: what ``/setup`` said about a project.
 
 Label Studio calls ``/setup`` on whichever replica its load balancer picks;
 the ``/predict`` that follows may land on another one, and a worker on another
@@ -7,6 +7,7 @@ link lives in the shared model folder, beside the project's students::
 
     project-12/
         link.json     {"hostname": ..., "access_token": ..., "label_config": ..., "updated": ...}
+        labels.json   {"digest": ...}: the label set the project's proposals were last made for
 
 The file is written atomically (a reader sees the old or the new link, never
 half of one) and readable by its owner only, since it holds an API token.
@@ -31,6 +32,7 @@ from .ids import is_id
 log = logging.getLogger(__name__)
 
 LINK_FILE = "link.json"
+LABELS_FILE = "labels.json"
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ProjectLink:
     label_config: str | None = None
 
 
-class ProjectStore:
+class ProjectLinks:
     """Project links under ``model_dir``; safe for many threads, processes and hosts sharing the folder."""
 
     def __init__(self, model_dir: Path) -> None:
@@ -96,3 +98,25 @@ class ProjectStore:
         with self._lock:
             self._cache[key] = (stamp, link)
         return link
+
+    def projects(self) -> list[str]:
+        """Every project some replica has seen ``/setup`` for."""
+        if not self.model_dir.is_dir():
+            return []
+        found = (p.parent.name.removeprefix("project-") for p in self.model_dir.glob(f"project-*/{LINK_FILE}"))
+        return sorted((p for p in found if is_id(p)), key=int)
+
+    def swap_labels(self, project: str | int, digest: str) -> str | None:
+        """Record that proposals are now made for the label set ``digest``; returns the one recorded before.
+
+        Two replicas swapping at once may both see the old digest; whatever
+        they trigger on a change (a pre-annotation run) coalesces.
+        """
+        path = self.path(project).with_name(LABELS_FILE)
+        try:
+            previous = json.loads(path.read_text()).get("digest")
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != digest:
+            atomic_write(path, lambda handle: handle.write(json.dumps({"digest": digest}).encode()))
+        return previous if isinstance(previous, str) else None

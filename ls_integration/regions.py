@@ -6,9 +6,9 @@ import uuid
 
 import cv2
 import numpy as np
-from label_studio_sdk.converter.brush import mask2rle
 
 from .label_config import LabelControl
+from .rle import encode_mask
 
 # Masks up to this many pixels are traced at twice their resolution (see trace_polygons); larger ones
 # have larger regions (specks under min_area are dropped), where the stair-step cuts matter less.
@@ -26,7 +26,7 @@ def brush_region(control: LabelControl, label: str, mask: np.ndarray, score: flo
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask2rle(mask.astype(np.uint8) * 255), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": encode_mask(mask), "brushlabels": [label]},
         "score": round(float(score), 4),
     }
 

@@ -1,4 +1,4 @@
-"""Label Studio's interactive pre-annotation: the regions an annotator just drew become one mask.
+"""Label Studio's smart tools (interactive pre-annotation): the regions an annotator just drew become one mask.
 
 With *Interactive preannotations* on, Label Studio calls ``/predict`` for one
 task with ``params.context.result``: the smart keypoints, smart rectangles
@@ -7,8 +7,12 @@ percent of the image). The answer is one prediction whose result is a brush
 (or polygon) region for the project's output control on that image.
 
 Every gesture on an image is answered from that image's dense state (features,
-keys, label probabilities), kept in a :class:`FeatureCache`; the ordinary
-``/predict`` fills it when a task is opened, so the first click is fast too.
+keys, label probabilities), kept for recent images in a :class:`FeatureCache`;
+the ordinary ``/predict`` fills it when a task is opened. A task that was
+pre-annotated by the workers never gets that ``/predict``, so its first
+gesture builds the state from the feature store, where pre-annotation left the
+image's backbone output: no backbone pass either way. The region logic is
+:mod:`maskclip_engine.interactive`.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import numpy as np
 import torch
 
 from maskclip_engine import LabelSet, SegmentationResult, Segmenter
-from maskclip_engine.feature_cache import CacheKey, FeatureCache, image_digest, options_digest
-from maskclip_engine.interactive import DenseState, InteractiveMask, Prompts, interactive_mask
-from maskclip_engine.student_segmenter import StudentSegmenter
+from maskclip_engine.dense_state import DenseState
+from maskclip_engine.feature_cache import FeatureCache
+from maskclip_engine.image_features import FeatureKey
+from maskclip_engine.interactive import Gestures, InteractiveMask, interactive_mask
+from maskclip_engine.students.serving import StudentSegmenter
 
 from .errors import BadRequestError
 from .label_config import LabelControl, ProjectSchema
@@ -38,8 +44,8 @@ GESTURE_TYPES = ("keypointlabels", "rectanglelabels", "textarea")
 
 
 @dataclass
-class Gestures:
-    """The prompts of one interaction on one image, in percent of the image (as Label Studio sends them)."""
+class ToolGestures:
+    """The gestures of one interaction on one image, in percent of the image (as Label Studio sends them)."""
 
     to_name: str
     positive: list[tuple[float, float]] = field(default_factory=list)
@@ -48,7 +54,7 @@ class Gestures:
     text: str | None = None
     labels: list[str] = field(default_factory=list)  # labels the regions carry, positive ones first
 
-    def in_pixels(self, width: int, height: int) -> Prompts:
+    def in_pixels(self, width: int, height: int) -> Gestures:
         def scale(point: tuple[float, float]) -> tuple[float, float]:
             return (point[0] * width / 100, point[1] * height / 100)
 
@@ -56,7 +62,7 @@ class Gestures:
         if self.box is not None:
             x0, y0, x1, y1 = self.box
             box = (x0 * width / 100, y0 * height / 100, x1 * width / 100, y1 * height / 100)
-        return Prompts(
+        return Gestures(
             positive=tuple(scale(p) for p in self.positive),
             negative=tuple(scale(p) for p in self.negative),
             box=box,
@@ -75,9 +81,9 @@ def context_regions(context: Any) -> list[dict] | None:
     return regions
 
 
-def parse_gestures(regions: Sequence[Any], schema: ProjectSchema) -> Gestures | None:
+def parse_gestures(regions: Sequence[Any], schema: ProjectSchema) -> ToolGestures | None:
     """The prompts on the first image that has an output control; ``None`` when there are none."""
-    gestures: Gestures | None = None
+    gestures: ToolGestures | None = None
     smart = {control.from_name for control in schema.smart}
     for region in regions:
         if not isinstance(region, dict) or region.get("type") not in GESTURE_TYPES:
@@ -89,7 +95,7 @@ def parse_gestures(regions: Sequence[Any], schema: ProjectSchema) -> Gestures | 
         if not isinstance(value, dict) or not isinstance(to_name, str) or schema.output_for(to_name) is None:
             continue
         if gestures is None:
-            gestures = Gestures(to_name)
+            gestures = ToolGestures(to_name)
         elif to_name != gestures.to_name:
             continue  # one mask per interaction: prompts on another image are not for this one
         kind = region["type"]
@@ -146,12 +152,12 @@ class InteractiveAnnotator:
     """Dense states of recent images (filled by ordinary predictions) and the answers to interactions.
 
     ``lock`` serialises model calls with the rest of the process (see
-    ``ls_integration/inference.py``); region logic runs outside it.
+    :mod:`maskclip_service.device_lock`); region logic runs outside it.
     """
 
     def __init__(self, segmenter: Segmenter, cache_mb: float, lock: threading.Lock | None = None) -> None:
         self.segmenter = segmenter
-        self.cache = FeatureCache(cache_mb)
+        self.cache = FeatureCache(cache_mb)  # dense states by image, model version and label set
         self.lock = lock or threading.Lock()
         self._label_embeddings: dict[tuple[tuple[str, ...], ...], torch.Tensor] = {}
         self._embeddings_lock = threading.Lock()
@@ -168,9 +174,14 @@ class InteractiveAnnotator:
                 self._label_embeddings[control.prompts] = found
         return found
 
-    def key(self, rgb: np.ndarray, version: str, control: LabelControl) -> CacheKey:
-        options = options_digest(prompts=control.prompts, options=self.segmenter.options.to_dict())
-        return CacheKey(image_digest(rgb), version, options)
+    def key(self, rgb: np.ndarray, version: str, control: LabelControl) -> tuple[FeatureKey, str, tuple]:
+        """What a dense state depends on: the image's features, the model that scores them, the labels."""
+        options = self.segmenter.options
+        return (
+            self.segmenter.feature_key(rgb, options),
+            version,
+            (control.prompts, tuple(sorted(options.to_dict().items()))),
+        )
 
     def segment(
         self,
@@ -201,7 +212,8 @@ class InteractiveAnnotator:
     def state(
         self, rgb: np.ndarray, control: LabelControl, version: str, student: StudentSegmenter | None
     ) -> tuple[DenseState, bool]:
-        """The image's dense state and whether it came from the cache (else one forward pass, now)."""
+        """The image's dense state and whether it came from the cache (else built now: from the feature store
+        when the image was pre-annotated, else with one forward pass)."""
         key = self.key(rgb, version, control)
         cached = self.cache.get(key)
         if cached is not None:
@@ -213,7 +225,7 @@ class InteractiveAnnotator:
 
     def answer(
         self,
-        gestures: Gestures,
+        gestures: ToolGestures,
         control: LabelControl,
         fetch: Callable[[str], np.ndarray],
         version: str,
@@ -223,15 +235,15 @@ class InteractiveAnnotator:
         rgb = fetch(control.data_key)
         height, width = rgb.shape[:2]
         state, _ = self.state(rgb, control, version, student)
-        prompts = gestures.in_pixels(width, height)
+        pixels = gestures.in_pixels(width, height)
         label, how = self._label(gestures, control)
         text = competitors = None
         if gestures.text is not None:
             text = self.segmenter.text.embed([gestures.text])[0]  # 85 templates, cached on disk and in memory
             keep = [i for i in range(len(control.labels)) if i != label]
             competitors = self.label_embeddings(control)[keep] if keep else None
-        prompts = Prompts(prompts.positive, prompts.negative, prompts.box, text, competitors, label)
-        found = interactive_mask(state, prompts)
+        asked = Gestures(pixels.positive, pixels.negative, pixels.box, text, competitors, label)
+        found = interactive_mask(state, asked)
         if not found.mask.any():
             return {"result": [], "score": 0.0, "model_version": version}
         if label is None:
@@ -246,7 +258,7 @@ class InteractiveAnnotator:
         return {"result": regions, "score": round(found.score, 4), "model_version": version}
 
     @staticmethod
-    def _label(gestures: Gestures, control: LabelControl) -> tuple[int | None, str]:
+    def _label(gestures: ToolGestures, control: LabelControl) -> tuple[int | None, str]:
         """Which output label the mask gets, and a sentence on how it was chosen."""
         if gestures.text is not None:
             named = label_named_in(gestures.text, control)

@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import requests
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw
 
-from maskclip_engine.training import TrainingImage
+from maskclip_engine.image_features import ImageFeatures
+from maskclip_engine.students.training import TrainingImage
 
-from .errors import BackendError, ImageFetchError, ImageHostUnreachableError
+from .auth import LabelStudioAuth
+from .errors import AnnotationError, ImageFetchError, ImageHostUnreachableError, ProjectDataError
 from .fetching import ImageFetcher
 from .label_config import LabelControl, parse_label_config
-from .label_studio import LabelStudioAuth
 from .retrying import retrying_session
+from .rle import decode_mask
 
 log = logging.getLogger(__name__)
 
 
-class ProjectDataError(BackendError):
-    """The project cannot be read from Label Studio."""
+@dataclass
+class AnnotatedTask:
+    """An accepted annotation as training data: its task, its id, and the image with its label map."""
+
+    task: int
+    annotation: int
+    item: TrainingImage
 
 
 @dataclass
@@ -33,6 +40,7 @@ class ProjectData:
     held_out: list[TrainingImage]  # annotated images kept apart to judge candidates
     skipped: int  # tasks whose image could not be fetched
     skipped_annotations: int = 0  # annotations that could not be read (their images train unannotated)
+    annotated_tasks: list[AnnotatedTask] = field(default_factory=list)  # every annotated task, held out or not
 
     @property
     def annotated(self) -> int:
@@ -45,10 +53,6 @@ def accepted(annotation: dict) -> bool:
         return False
     reviews = annotation.get("reviews") or []
     return not any(review.get("accepted") is False for review in reviews if isinstance(review, dict))
-
-
-class AnnotationError(ValueError):
-    """An annotation whose regions cannot be read; it is skipped, its image still trains."""
 
 
 MAX_POLYGON_POINTS = 100_000
@@ -91,19 +95,8 @@ def label_map(
 
 def _region_mask(region: dict, value: dict, height: int, width: int, max_pixels: int) -> np.ndarray | None:
     if value.get("format") == "rle" and value.get("rle"):
-        rle = value["rle"]
         h, w = int(region.get("original_height", height)), int(region.get("original_width", width))
-        if h <= 0 or w <= 0 or h * w > max_pixels:
-            raise AnnotationError(
-                f"a brush region claims {w}x{h} pixels (limit {max_pixels:,}, MASKCLIP_MAX_IMAGE_PIXELS)"
-            )
-        if not isinstance(rle, list) or len(rle) < 5 or not all(isinstance(b, int) and 0 <= b < 256 for b in rle):
-            raise AnnotationError("a brush region's 'rle' is not a list of bytes")
-        claimed = int.from_bytes(bytes(rle[:4]), "big")  # the RLE header: how many values decode_rle allocates
-        if claimed != h * w * 4:
-            raise AnnotationError(f"a brush region's RLE holds {claimed:,} values, not {w}x{h}x4 = {h * w * 4:,}")
-        alpha = np.asarray(decode_rle(rle), dtype=np.uint8).reshape(h, w, 4)[:, :, 3]
-        mask = alpha > 0
+        mask = decode_mask(value["rle"], h, w, max_pixels)
         if (h, w) != (height, width):
             mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
         return mask
@@ -129,15 +122,44 @@ def _held_out(task_id: int, fraction: float) -> bool:
     return digest[0] / 256 < fraction
 
 
+Encode = Callable[[np.ndarray], ImageFeatures]
+
+
 def load_project(
-    auth: LabelStudioAuth, fetcher: ImageFetcher, project: int, holdout_fraction: float, short_side: int
+    auth: LabelStudioAuth,
+    fetcher: ImageFetcher,
+    project: int,
+    holdout_fraction: float,
+    short_side: int,
+    encode: Encode | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ProjectData:
     """Read the project's config and tasks and fetch its images (downscaled to ``short_side``).
 
-    Never all or nothing: a task whose image cannot be fetched is skipped, an
-    annotation that cannot be read is dropped (its image trains unannotated);
-    both are logged and counted.
+    ``encode`` turns each full-size image into its CLIP features before it is
+    downscaled (the feature store holds them under the image as Label Studio
+    serves it); they travel with the image. Never all or nothing: a task whose
+    image cannot be fetched is skipped, an annotation that cannot be read is
+    dropped (its image trains unannotated); both are logged and counted.
+    ``progress(done, total)`` hears about every task.
     """
+    control, tasks = _read_export(auth, fetcher, project)
+    reader = _TaskReader(fetcher, control, project, short_side, encode)
+    for done, task in enumerate(tasks, 1):
+        reader.read(task)
+        if progress is not None:
+            progress(done, len(tasks))
+    annotated = reader.annotated
+    held = [a.item for a in annotated if _held_out(a.task, holdout_fraction)]
+    if len(annotated) >= 2 and not held:
+        held = [annotated[-1].item]  # always judge on something once there are two annotations
+    if len(held) == len(annotated) and held:
+        held = held[:-1]  # and always train on at least one
+    train = [a.item for a in annotated if not any(a.item is h for h in held)] + reader.plain
+    return ProjectData(control, train, held, reader.skipped, reader.bad_annotations, annotated)
+
+
+def _read_export(auth: LabelStudioAuth, fetcher: ImageFetcher, project: int) -> tuple[LabelControl, list]:
     session = retrying_session(fetcher.settings.fetch_retries)
     try:
         info = session.get(f"{auth.url}/api/projects/{project}", headers=auth.headers(), timeout=60)
@@ -153,57 +175,68 @@ def load_project(
         raise ProjectDataError(f"could not read project {project} from Label Studio at {auth.url}: {exc}") from exc
     control = parse_label_config(info.json()["label_config"]).controls[0]
     tasks = export.json()
-
     if not isinstance(tasks, list):
         raise ProjectDataError(f"Label Studio's export of project {project} is not a list of tasks.")
-    max_pixels = fetcher.settings.max_image_pixels
-    annotated, plain, skipped, bad_annotations, unreachable = [], [], 0, 0, 0
-    for task in tasks:
+    return control, tasks
+
+
+class _TaskReader:
+    """Turns exported tasks into training images one at a time, counting what it had to skip."""
+
+    def __init__(
+        self, fetcher: ImageFetcher, control: LabelControl, project: int, short_side: int, encode: Encode | None
+    ) -> None:
+        self.fetcher, self.control, self.project = fetcher, control, project
+        self.short_side, self.encode = short_side, encode
+        self.annotated: list[AnnotatedTask] = []
+        self.plain: list[TrainingImage] = []
+        self.skipped = self.bad_annotations = self.unreachable = 0
+
+    def read(self, task: object) -> None:
         task_id = task.get("id") if isinstance(task, dict) else None
+        image = self._fetch(task, task_id)
+        if image is None:
+            return
+        features = self.encode(image) if self.encode is not None else None
+        image = _downscale(image, self.short_side)
+        annotations = task.get("annotations")  # type: ignore[union-attr]
+        good = [a for a in annotations if isinstance(a, dict) and accepted(a)] if isinstance(annotations, list) else []
+        if not good:
+            self.plain.append(TrainingImage(image, features=features))
+            return
+        best = max(good, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), _int(a.get("id"))))
+        try:
+            labels = label_map(best, self.control, *image.shape[:2], self.fetcher.settings.max_image_pixels)
+        except AnnotationError as exc:
+            log.warning("task %s: annotation %s skipped for training: %s", task_id, best.get("id"), exc)
+            self.bad_annotations += 1
+            self.plain.append(TrainingImage(image, features=features))
+            return
+        item = TrainingImage(image, labels, features=features)
+        self.annotated.append(AnnotatedTask(_int(task_id), _int(best.get("id")), item))
+
+    def _fetch(self, task: object, task_id: object) -> np.ndarray | None:
         try:
             if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
                 raise ImageFetchError("the task has no 'data' object")
-            image = fetcher.fetch(task["data"].get(control.data_key), task_id)
+            image = self.fetcher.fetch(task["data"].get(self.control.data_key), task_id)
         except ImageHostUnreachableError as exc:
-            unreachable += 1
-            skipped += 1
+            self.unreachable += 1
+            self.skipped += 1
             log.warning("task %s skipped for training: %s", task_id, exc)
-            if unreachable >= UNREACHABLE_LIMIT:  # the server is gone: a partial data set would mislead the gate
+            if self.unreachable >= UNREACHABLE_LIMIT:  # the server is gone: a partial data set would mislead
                 raise ProjectDataError(
-                    f"the image host stopped answering while project {project}'s data was read ({unreachable} "
-                    f"tasks in a row, after {len(annotated) + len(plain)} images); nothing was trained or stored. "
-                    "Start training again once Label Studio is back."
+                    f"the image host stopped answering while project {self.project}'s data was read "
+                    f"({self.unreachable} tasks in a row, after {len(self.annotated) + len(self.plain)} images); "
+                    "nothing was trained or stored. Start training again once Label Studio is back."
                 ) from exc
-            continue
+            return None
         except ImageFetchError as exc:
             log.warning("task %s skipped for training: %s", task_id, exc)
-            skipped += 1
-            continue
-        unreachable = 0
-        image = _downscale(image, short_side)
-        height, width = image.shape[:2]
-        annotations = task.get("annotations")
-        good = [a for a in annotations if isinstance(a, dict) and accepted(a)] if isinstance(annotations, list) else []
-        if not good:
-            plain.append(TrainingImage(image))
-            continue
-        best = max(good, key=lambda a: (bool(a.get("ground_truth")), str(a.get("updated_at") or ""), _int(a.get("id"))))
-        try:
-            labels = label_map(best, control, height, width, max_pixels)
-        except AnnotationError as exc:
-            log.warning("task %s: annotation %s skipped for training: %s", task_id, best.get("id"), exc)
-            bad_annotations += 1
-            plain.append(TrainingImage(image))
-            continue
-        annotated.append((_int(task_id), TrainingImage(image, labels)))
-
-    held = [item for task_id, item in annotated if _held_out(task_id, holdout_fraction)]
-    if len(annotated) >= 2 and not held:
-        held = [annotated[-1][1]]  # always judge on something once there are two annotations
-    if len(held) == len(annotated) and held:
-        held = held[:-1]  # and always train on at least one
-    train = [item for _, item in annotated if not any(item is h for h in held)] + plain
-    return ProjectData(control, train, held, skipped, bad_annotations)
+            self.skipped += 1
+            return None
+        self.unreachable = 0
+        return image
 
 
 def _int(value: object) -> int:

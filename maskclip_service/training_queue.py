@@ -1,4 +1,4 @@
-"""The training queue: enqueueing, coalescing triggers, and counting annotations.
+"""The training queue: enqueueing, coalescing triggers, lost jobs, the activation lock, counting annotations.
 
 At most one queued or running training job exists per project. A Redis key
 ``maskclip:training:<project>`` names it; triggers that find a live job there
@@ -13,15 +13,13 @@ import uuid
 from typing import Any
 
 from redis import Redis
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.lock import Lock
-from redis.retry import Retry
-from rq import Queue, Worker
+from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+
+from .job_paths import TRAIN_PROJECT
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 HEARTBEAT_S = 10  # a running training job refreshes meta["heartbeat"] this often
@@ -46,36 +44,6 @@ end
 if string.sub(held, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. '|' then return 1 end
 return 0
 """
-
-
-def connect(redis_url: str, retries: int = 3, patience_s: float = 2.0, timeout: float | None = None) -> Redis:
-    """A Redis connection from a URL (``redis://``, ``rediss://`` or ``unix://``).
-
-    Connection errors and timeouts are retried ``retries`` times with
-    exponential backoff capped at ``patience_s``, so a Redis restart of a
-    second or two is invisible to callers; longer outages raise ``RedisError``.
-    """
-    retry = Retry(ExponentialBackoff(cap=patience_s, base=0.05), retries)
-    return Redis.from_url(
-        redis_url,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionError],
-        health_check_interval=30,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-    )
-
-
-def queue_health(redis_url: str, queue_name: str, timeout: float = 1.0) -> dict[str, Any]:
-    """Whether the queue's Redis answers and how many RQ workers listen to the queue; never raises, answers fast."""
-    try:
-        connection = connect(redis_url, retries=0, timeout=timeout)
-        connection.ping()
-        workers = [w for w in Worker.all(connection=connection) if queue_name in w.queue_names()]
-        busy = sum(1 for w in workers if w.get_current_job_id())
-        return {"redis": "reachable", "workers": len(workers), "busy_workers": busy}
-    except (RedisError, OSError) as exc:
-        return {"redis": f"unreachable: {exc.__class__.__name__}", "workers": None}
 
 
 def lock_key(project: int | str) -> str:
@@ -139,7 +107,7 @@ def _claim_and_enqueue(
             pipe.multi()
             pipe.set(key, f"{job_id}|{time.time():.0f}", ex=ttl)
             queue.enqueue_call(
-                "workers.jobs.train_project",
+                TRAIN_PROJECT,
                 args=(project,),
                 kwargs={"trigger": trigger, **(kwargs or {})},
                 job_id=job_id,

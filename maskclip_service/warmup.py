@@ -1,4 +1,4 @@
-"""Text embeddings of a label config, computed in the background as soon as the config is seen.
+"""Text embeddings of a project's labels, computed in the background as soon as its config is seen.
 
 Label Studio sends a project's label config to ``/setup`` when the backend is
 connected and in a ``PROJECT_UPDATED`` webhook when the labels change; the
@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 from .errors import WarmupBusyError
-from .label_config import ProjectSchema
 
 if TYPE_CHECKING:
     from maskclip_engine import Segmenter
@@ -56,11 +56,9 @@ class TextWarmup:
         with self._lock:
             return self._pending
 
-    def submit(self, schema: ProjectSchema) -> Future:
-        """Start warming ``schema``'s labels (or return the warm-up already started for the same labels)."""
-        # Every label text and synonym, once: the text cache is keyed by text, whatever control it belongs to.
-        texts = (text for control in schema.controls for prompts in control.prompts for text in prompts)
-        key = tuple(dict.fromkeys(texts))
+    def submit(self, texts: Iterable[str]) -> Future:
+        """Start warming ``texts`` (a config's labels and synonyms), or return the warm-up already started for them."""
+        key = tuple(dict.fromkeys(texts))  # each text once: the text cache is keyed by text
         with self._lock:
             known = self._recent.get(key)
             if known is not None and not (known.done() and known.exception() is not None):
