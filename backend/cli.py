@@ -5,11 +5,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 
 import click
 
-from ls_integration.errors import BackendError
-from ls_integration.settings import Settings
+from maskclip_service.errors import ServiceError
+from maskclip_service.settings import Settings
+
+
+def embedded_worker_command() -> list[str]:
+    """The worker the embedded queue starts; CLIP loads on its first job and stays, so an idle machine does not
+    hold a second copy."""
+    return [sys.executable, "-m", "workers.cli", "--no-preload"]
 
 
 @click.group()
@@ -48,13 +55,13 @@ def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> N
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env()
-    except BackendError as exc:
+    except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
     embedded = None
     if not settings.redis_url:
-        from ls_integration.embedded import EmbeddedQueue
+        from maskclip_service.embedded_queue import EmbeddedQueue
 
-        embedded = EmbeddedQueue(settings.model_dir / ".queue")
+        embedded = EmbeddedQueue(settings.model_dir / ".queue", embedded_worker_command())
         os.environ["REDIS_URL"] = embedded.url
         settings = dataclasses.replace(settings, redis_url=embedded.url)
 
@@ -76,7 +83,7 @@ def serve(host: str, port: int, threads: int, timeout: int, log_level: str) -> N
 
             try:
                 return create_app(settings)
-            except (MaskClipError, BackendError) as exc:
+            except (MaskClipError, ServiceError) as exc:
                 logging.getLogger("backend").error("cannot start the backend: %s", exc)
                 raise SystemExit(3) from None  # gunicorn's "worker failed to boot": it stops, no restart loop
 

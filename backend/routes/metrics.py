@@ -1,0 +1,18 @@
+"""``GET /metrics``: Prometheus text (requests, predictions, failures, pre-annotation progress)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from maskclip_service.prometheus import CONTENT_TYPE
+
+from ..services import services
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+def prometheus():
+    s = services()
+    s.triggers.publish_preannotation(s.metrics)
+    return Response(s.metrics.render(), mimetype=CONTENT_TYPE)
