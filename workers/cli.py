@@ -12,9 +12,10 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from tqdm import tqdm
 
-from ls_integration.errors import BackendError
-from ls_integration.queue import connect, enqueue_training, recent_jobs
-from ls_integration.settings import Settings
+from maskclip_service.errors import ServiceError
+from maskclip_service.redis_connection import connect
+from maskclip_service.settings import Settings
+from maskclip_service.training_queue import enqueue_training, recent_jobs
 
 from .predict_cli import runs_table
 
@@ -25,7 +26,7 @@ from .predict_cli import runs_table
 def _settings() -> Settings:
     try:
         return Settings.from_env()
-    except BackendError as exc:
+    except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
@@ -134,6 +135,46 @@ def jobs(redis_url: str, limit: int) -> None:
         click.echo(line)
 
 
+@click.command()
+@click.option("--project", type=int, required=True, help="The Label Studio project id.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write review.json, index.html and its pictures here.",
+)
+def review(project: int, out_dir: Path | None) -> None:
+    """Find the project's annotations that are probably wrong, judged by models that did not train on them.
+
+    Runs here, with the backend's environment (no queue needed). The review is
+    also kept in the project's folder under MODEL_DIR, where the backend
+    serves the latest at /review/<project>.
+    """
+    from .review_job import review_project
+
+    _settings()
+    bar = tqdm(desc=f"reviewing project {project}", unit="step", disable=None)
+
+    def report(fields: dict) -> None:
+        for done, total in (("step", "iterations"), ("fetched", "tasks"), ("judged", "annotations")):
+            if done in fields and total in fields:
+                bar.total, bar.n = fields[total], fields[done]
+        shown = {k: fields[k] for k in ("phase", "fold", "folds") if k in fields}
+        bar.set_postfix(shown, refresh=True)
+
+    try:
+        result = review_project(project, trigger="cli", out=str(out_dir) if out_dir else None, report=report)
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        bar.close()
+    click.echo(
+        f"project {project}: {result['annotations']} annotations reviewed, {result['flagged']} flagged as "
+        f"probably wrong; see {Path(out_dir or result['folder']) / 'index.html'}"
+    )
+
+
 @click.command("eval-project")
 @click.option("--project", type=int, required=True, help="The Label Studio project id.")
 @click.option(
@@ -151,9 +192,9 @@ def jobs(redis_url: str, limit: int) -> None:
 )
 def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) -> None:
     """mIoU of MaskCLIP and the project's students against the project's accepted annotations."""
-    from ls_integration.dataset import load_project
+    from ls_integration.auth import LabelStudioAuth
     from ls_integration.fetching import ImageFetcher
-    from ls_integration.label_studio import LabelStudioAuth
+    from ls_integration.training_data import load_project
     from maskclip_engine import MaskClipError
     from maskclip_engine.evaluation import (
         EvalConfig,
@@ -163,7 +204,7 @@ def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) 
         report_json,
         report_table,
     )
-    from maskclip_engine.registry import ModelRegistry
+    from maskclip_engine.students.registry import ModelRegistry
 
     from .context import shared_segmenter
 
@@ -180,7 +221,7 @@ def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) 
             settings.holdout_fraction,
             short_side=settings.segment.short_side,
         )
-    except BackendError as exc:
+    except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
     samples = [
         Sample(f"image {i}", item.image, item.labels)

@@ -3,8 +3,8 @@
 ``plan_run`` lists the tasks a run has to consider and cuts them into chunks;
 ``work_run`` jobs (as many as there are chunks, up to a cap) take chunks until
 none are left, on whichever workers are free. Run state lives in Redis
-(``ls_integration.preannotation``): a killed worker loses at most its chunk,
-which another worker takes over once its lease expires.
+(:mod:`maskclip_service.preannotation_runs`, :mod:`maskclip_service.chunk_leases`): a killed worker
+loses at most its chunk, which another worker takes over once its lease expires.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from label_studio_sdk import LabelStudio
 from redis import Redis
 from rq import get_current_job
 
-from ls_integration import preannotation as runs
-from ls_integration.errors import BackendError
+from ls_integration.auth import LabelStudioAuth
+from ls_integration.connection import label_studio_target
 from ls_integration.fetching import ImageFetcher
 from ls_integration.label_config import ProjectSchema, parse_label_config
-from ls_integration.label_studio import LabelStudioAuth
 from ls_integration.predictor import Predictor
-from ls_integration.queue import LOST_AFTER_S, connect
-from ls_integration.settings import Settings
+from maskclip_service import chunk_leases
+from maskclip_service import preannotation_runs as runs
+from maskclip_service.errors import PreannotationError
+from maskclip_service.redis_connection import connect
+from maskclip_service.settings import Settings
 
 from .context import shared_segmenter
 
@@ -39,24 +41,21 @@ MAX_WORK_JOBS = 32  # work jobs queued per planning round; each takes chunks unt
 MAX_ATTEMPTS = 3  # a chunk that fails this often (Label Studio refusing the import, say) is given up
 _LIST_PAGE = 100
 
-_predictors: dict[int, Predictor] = {}
+_predictors: dict[tuple[int, int], Predictor] = {}
 _predictors_lock = threading.Lock()
-
-
-class PreannotationError(BackendError):
-    status = 400
 
 
 def _predictor(settings: Settings) -> Predictor:
     """One Predictor per worker process around the shared model (its fetch pool and student cache are kept)."""
     segmenter = shared_segmenter(settings)
     with _predictors_lock:
-        predictor = _predictors.get(id(segmenter))
+        key = (id(segmenter.clip), id(segmenter.features))  # the shared model and feature store
+        predictor = _predictors.get(key)
         if predictor is None:
             # No annotator clicks on a worker's images: keeping their dense state for smart tools would only
-            # hold memory, and batches go through the model faster without it.
+            # hold memory. Their features still go to the feature store, for the backend's first click.
             without_cache = dataclasses.replace(settings, feature_cache_mb=0)
-            predictor = _predictors[id(segmenter)] = Predictor(segmenter, without_cache)
+            predictor = _predictors[key] = Predictor(segmenter, without_cache)
         return predictor
 
 
@@ -80,17 +79,14 @@ def _context(project: int, run: str) -> RunContext:
     if not state:
         raise PreannotationError(f"pre-annotation run {run} is unknown (expired or never queued).")
     predictor = _predictor(settings)
-    link = predictor.project_link(str(project))
-    given = json.loads(state.get("label_studio") or "{}") if isinstance(state.get("label_studio"), str) else {}
-    url = settings.label_studio_url or (link.hostname if link else None) or given.get("url")
-    token = settings.label_studio_api_key or (link.access_token if link else None) or given.get("token")
-    if not url:
+    target = label_studio_target(settings, project, predictor.projects)
+    if target is None:
         raise PreannotationError(
             "the worker does not know where Label Studio is: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, "
             "or connect the model to the project in Label Studio first."
         )
-    auth = LabelStudioAuth(url, token)
-    client = LabelStudio(base_url=auth.url, api_key=token)
+    auth = LabelStudioAuth(*target)
+    client = LabelStudio(base_url=auth.url, api_key=target[1])
     config = client.projects.get(id=project).label_config
     schema = parse_label_config(config, settings.max_labels)
     return RunContext(connection, project, run, settings, predictor, client, ImageFetcher(settings, auth), schema)
@@ -135,8 +131,14 @@ def _plan(ctx: RunContext, project: int, run: str, key: str) -> dict[str, Any]:
     version = state.get("version")
     if version == runs.CURRENT or not version:
         version = ctx.predictor.project_version(str(project), ctx.schema)
-    elif version != ctx.predictor.version and ctx.predictor.registry.find(str(project), version) is None:
-        raise PreannotationError(f"version {version!r} is neither MaskCLIP's nor a student of project {project}.")
+    elif (
+        version != ctx.predictor.maskclip_version(ctx.schema)
+        and ctx.predictor.registry.find(str(project), version) is None
+    ):
+        raise PreannotationError(
+            f"version {version!r} is neither MaskCLIP's for this project's labels "
+            f"({ctx.predictor.maskclip_version(ctx.schema)}) nor a student of project {project}."
+        )
     ctx.connection.hset(key, mapping={"version": version, "phase": "listing tasks", "heartbeat": time.time()})
     while True:
         scopes = [s.decode() for s in ctx.connection.lrange(key + ":extra", 0, -1)]
@@ -244,7 +246,7 @@ def work_run(project: int, run: str) -> dict[str, Any]:
     key = runs.state_key(run)
     waited_since = None
     while True:
-        chunk = runs.claim(ctx.connection, run, owner, lease_s)
+        chunk = chunk_leases.claim(ctx.connection, run, owner, lease_s)
         if chunk is None:
             # Nothing to take; a chunk leased by another worker may still come back if that worker died.
             if ctx.connection.hlen(key + ":leases") == 0:
@@ -279,7 +281,7 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
 
     def beat() -> None:
         while not stop.wait(max(lease_s / 4, 0.5)):
-            runs.renew(ctx.connection, ctx.run, chunk, owner, lease_s)
+            chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, lease_s)
             ctx.connection.hset(key, "heartbeat", time.time())
 
     threading.Thread(target=beat, name="chunk-lease", daemon=True).start()
@@ -306,7 +308,7 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
             for t, p in ready.items()
             if t not in done_already
         ]
-        if not runs.renew(ctx.connection, ctx.run, chunk, owner, lease_s):
+        if not chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, lease_s):
             log.warning("run %s: chunk %s was taken over by another worker; dropping this attempt", ctx.run, chunk)
             return
         if entries:
@@ -322,14 +324,14 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
             pipe.execute()
     finally:
         stop.set()
-    runs.renew(ctx.connection, ctx.run, chunk, owner, None)
+    chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, None)
 
 
 def _give_back(ctx: RunContext, chunk: str, owner: str) -> None:
     """Return a failed chunk to the queue; after ``MAX_ATTEMPTS`` its tasks count as failed (a later run retries)."""
     key = runs.state_key(ctx.run)
     attempts = int(ctx.connection.hincrby(key + ":attempts", chunk, 1))
-    if not runs.renew(ctx.connection, ctx.run, chunk, owner, None):
+    if not chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, None):
         return  # another worker has it already
     if attempts < MAX_ATTEMPTS:
         ctx.connection.rpush(key + ":todo", chunk)
@@ -357,27 +359,3 @@ def _finished(ctx: RunContext) -> None:
         # Label Studio shows annotators the predictions whose model_version equals the project's.
         ctx.client.projects.update(id=ctx.project, model_version=state["version"])
     log.info("project %s: pre-annotation run %s done: %s", ctx.project, ctx.run, runs.progress_meta(state))
-
-
-# ------------------------------------------------------------------ triggers
-def queue_after_promotion(project: int, version: str, label_studio: dict[str, str] | None = None) -> str | None:
-    """Called by a training job that promoted ``version``: write its proposals everywhere; never raises."""
-    try:
-        settings = Settings.from_env()
-        job = get_current_job()
-        connection = job.connection if job is not None else connect(settings.redis_url or "")
-        run, status = runs.start_run(
-            connection,
-            project,
-            version=version,
-            trigger="promotion",
-            set_project_version=True,
-            queue_name=settings.queue_name,
-            label_studio=label_studio,
-            lost_after_s=LOST_AFTER_S,
-        )
-        log.info("project %s: %s pre-annotation run %s for %s", project, status, run, version)
-        return run
-    except Exception:  # the promotion stands even if its proposals cannot be queued now
-        log.exception("project %s: could not queue pre-annotation with %s", project, version)
-        return None

@@ -8,10 +8,11 @@ import click
 from redis import Redis
 from tqdm import tqdm
 
-from ls_integration import preannotation as runs
-from ls_integration.errors import BackendError
-from ls_integration.queue import LOST_AFTER_S, connect
-from ls_integration.settings import Settings
+from maskclip_service import preannotation_runs as runs
+from maskclip_service.errors import ServiceError
+from maskclip_service.redis_connection import connect
+from maskclip_service.settings import Settings
+from maskclip_service.training_queue import LOST_AFTER_S
 
 
 @click.command()
@@ -29,7 +30,7 @@ def predict(project: int, redis_url: str, version: str | None, wait: bool, set_p
     """Queue proposals for every task of a project that lacks them; workers write them into Label Studio."""
     try:
         settings = Settings.from_env()
-    except BackendError as exc:
+    except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
     connection = connect(redis_url)
     run, status = runs.start_run(

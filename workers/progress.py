@@ -19,19 +19,13 @@ from typing import Any
 from rq import get_current_job
 from tqdm import tqdm
 
-from ls_integration.errors import BackendError
-from ls_integration.queue import HEARTBEAT_S, claim, owner
+from maskclip_service.errors import JobSupersededError
+from maskclip_service.training_queue import HEARTBEAT_S, claim, owner
 
 log = logging.getLogger(__name__)
 
 FLUSH_S = 1.0  # meta is written at most this often
 OWNER_CHECK_S = 2.0  # how soon a job learns it was replaced
-
-
-class JobSupersededError(BackendError):
-    """Another training job owns this project now; this one stops without storing or promoting anything."""
-
-    status = 409
 
 
 class Progress:

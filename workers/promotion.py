@@ -17,8 +17,8 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import LockError, RedisError
 
-from ls_integration.queue import ACTIVATION_LOCK_S, activation_lock, claim, owner
-from maskclip_engine.registry import ModelRegistry, StudentVersion
+from maskclip_engine.students.registry import ModelRegistry, StudentVersion
+from maskclip_service.training_queue import ACTIVATION_LOCK_S, activation_lock, claim, owner
 
 log = logging.getLogger(__name__)
 

@@ -1,29 +1,36 @@
-"""RQ job functions. Plain module-level functions with JSON-safe arguments, so any worker host can run them."""
+"""The training job: a MaskCLIP+ student for a Label Studio project, judged, stored, and promoted if better.
+
+A plain module-level function with JSON-safe arguments, so any worker host can
+run it. Its steps: find the project's Label Studio, read its data (images with
+their stored CLIP features, and the accepted annotations), train, judge the
+candidate against the model it would replace, store it, promote it, and queue
+the follow-ups (the new student's proposals everywhere, a review of the
+annotations).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 from rq import get_current_job
 
-from ls_integration.dataset import ProjectDataError, load_project
+from ls_integration.connection import require_label_studio
+from ls_integration.errors import ProjectDataError
 from ls_integration.fetching import ImageFetcher
-from ls_integration.host_pin import pinned_host
-from ls_integration.label_studio import LabelStudioAuth, origin
-from ls_integration.project_store import ProjectStore
-from ls_integration.queue import release_job
-from ls_integration.settings import Settings
+from ls_integration.training_data import ProjectData, load_project
 from maskclip_engine import LabelSet, Segmenter
-from maskclip_engine.registry import ModelRegistry
-from maskclip_engine.student import StudentCheckpoint, StudentConfig
-from maskclip_engine.student_segmenter import StudentSegmenter
-from maskclip_engine.training import TrainConfig, TrainingImage, evaluate, train_student
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.gate import GateConfig, Verdict, judge
+from maskclip_engine.students.network import StudentConfig
+from maskclip_engine.students.registry import ModelRegistry, StudentVersion
+from maskclip_engine.students.training import TrainConfig, train_student
+from maskclip_service.settings import Settings
+from maskclip_service.training_queue import release_job
 
 from .context import shared_segmenter
-from .preannotate import queue_after_promotion
+from .follow_ups import queue_after_promotion, queue_review
 from .progress import Progress
 from .promotion import promote
 
@@ -38,118 +45,28 @@ def train_project(
 ) -> dict[str, Any]:
     """Train a MaskCLIP+ student for a Label Studio project and promote it if it beats the current model.
 
-    Label Studio is the worker's own ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY``,
-    else what ``/setup`` recorded for the project in the shared model folder;
-    ``label_studio`` (``{"url", "token"}``) is read only for jobs queued by
-    older backends. ``options`` override fields of the training configuration.
+    Label Studio is found by the one rule every job follows
+    (:func:`ls_integration.connection.label_studio_for`); ``label_studio``, which
+    jobs queued by old versions carry, is ignored. ``options`` override fields
+    of the training configuration.
     """
+    if label_studio:
+        log.warning("project %s: the job's own Label Studio address is ignored; the project's link is used", project)
     job = get_current_job()
     settings = Settings.from_env()
     progress = Progress(project)
     try:
         progress.update(force=True, phase="loading model")
-        segmenter = shared_segmenter(settings)
-        link = ProjectStore(settings.model_dir).load(project)
-        url = settings.label_studio_url or (link.hostname if link else None) or (label_studio or {}).get("url")
-        token = (
-            settings.label_studio_api_key or (link.access_token if link else None) or (label_studio or {}).get("token")
-        )
-        if not url:
-            raise ProjectDataError("the worker does not know where Label Studio is: set LABEL_STUDIO_URL.")
-        pinned = None if settings.label_studio_url else pinned_host(settings.model_dir)
-        if pinned is not None and origin(pinned) != origin(url):
-            raise ProjectDataError(f"the job names Label Studio at {url}, but this backend is pinned to {pinned}.")
-        auth = LabelStudioAuth(url, token)
+        # Train, record and judge under this job's settings, whatever the cached model was built with.
+        segmenter = shared_segmenter(settings).with_options(settings.segment)
         config = _train_config(settings, options or {})
         progress.check_owner()  # a job replaced while it waited in the queue does no work
-        progress.update(force=True, phase="fetching data")
-        data = load_project(
-            auth,
-            ImageFetcher(settings, auth),
-            project,
-            settings.holdout_fraction,
-            short_side=max(config.crop, settings.segment.short_side),
-        )
-        if not data.train:
-            raise ProjectDataError(f"project {project} has no images the worker could fetch.")
+        data = _read_project(settings, segmenter, project, config, progress)
         labels = LabelSet.parse([list(p) for p in data.control.prompts])
-        log.info(
-            "project %s: %d training images (%d annotated), %d held out, %d images and %d annotations skipped",
-            project,
-            len(data.train),
-            data.annotated - len(data.held_out),
-            len(data.held_out),
-            data.skipped,
-            data.skipped_annotations,
-        )
-        # Train, record and judge under this job's settings, whatever the cached model was built with.
-        segmenter = Segmenter(segmenter.clip, settings.segment, segmenter.text)
-        student_config = StudentConfig(
-            backbone=settings.student_backbone, backbone_weights=settings.student_backbone_weights
-        )
-        net = train_student(
-            segmenter, data.train, labels, config, student_config, progress=progress.training_step
-        )
-
-        progress.update(force=True, phase="evaluating")
-        registry = ModelRegistry(settings.model_dir)
-        checkpoint = StudentCheckpoint(
-            net=net,
-            labels=list(data.control.labels),
-            prompts=[list(p) for p in data.control.prompts],
-            teacher={
-                "model": settings.model,
-                "pretrained": settings.pretrained,
-                "model_id": segmenter.clip.model_id,
-                "weights_id": segmenter.clip.weights_id,
-            },
-            info={
-                "trigger": trigger,
-                "from_name": data.control.from_name,
-                "backbone": student_config.backbone,
-                "dense_mode": segmenter.options.dense_mode,  # also in checkpoint.options; shown by /versions
-                "train": dataclasses.asdict(config),
-                "images": len(data.train),
-                "annotated": data.annotated,
-                "held_out": len(data.held_out),
-            },
-            options=segmenter.options,
-        )
-        held_out, gate = data.held_out, (settings.gate_min_pixels, settings.gate_margin)
-        judged_against = registry.active_name(project)
-        verdict = judge(segmenter, registry, project, checkpoint, labels, held_out, *gate)
-        checkpoint.metrics = {
-            "held_out_miou": verdict.candidate,
-            "baseline": verdict.baseline,
-            "baseline_miou": verdict.current,
-            "held_out_pixels": verdict.pixels,
-        }
-        progress.check_owner()  # a replaced job stores nothing
-        version = registry.add(project, checkpoint)
-        promoted, reason = verdict.promoted, verdict.reason
-        if promoted:
-
-            def rejudge() -> tuple[bool, str]:
-                again = judge(segmenter, registry, project, checkpoint, labels, held_out, *gate)
-                return again.promoted, again.reason
-
-            connection, job_id = (job.connection, job.id) if job is not None else (None, None)
-            promoted, refused = promote(connection, registry, version, judged_against, rejudge, job_id)
-            reason = refused or reason
-            if promoted:  # not when activation found a newer job or a better model
-                queue_after_promotion(project, version.name)  # the student's proposals everywhere
-        result = {
-            "project": project,
-            "version": version.name,
-            "promoted": promoted,
-            "held_out_miou": verdict.candidate,
-            "baseline": verdict.baseline,
-            "baseline_miou": verdict.current,
-            "held_out_pixels": verdict.pixels,
-            "reason": reason,
-            "skipped_images": data.skipped,  # tasks whose image could not be fetched (warned in the log)
-            "skipped_annotations": data.skipped_annotations,  # annotations that could not be read
-        }
+        checkpoint = _train(segmenter, settings, data, labels, config, trigger, progress)
+        result = _judge_and_store(segmenter, settings, project, checkpoint, labels, data, progress, job)
+        if settings.review_after_training:
+            result["review"] = queue_review(project, trigger="training")
         progress.update(force=True, phase="done", **result)
         log.info("project %s: %s", project, result["reason"])
         return result
@@ -170,77 +87,150 @@ def _train_config(settings: Settings, options: dict[str, Any]) -> TrainConfig:
     unknown = set(options) - known
     if unknown:
         raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
-    if "scale_range" in options:
-        options = {**options, "scale_range": tuple(options["scale_range"])}
+    for name in ("scale_range", "grid_scale_range"):
+        if name in options:
+            options = {**options, name: tuple(options[name])}
     return dataclasses.replace(base, **options)
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """The gate's decision. ``pixels``: labelled held-out pixels both sides were scored on."""
+def _read_project(
+    settings: Settings, segmenter: Segmenter, project: int, config: TrainConfig, progress: Progress
+) -> ProjectData:
+    """Images and accepted annotations; a ``clip`` student's CLIP features come from the feature store."""
+    progress.update(force=True, phase="fetching data")
+    auth = require_label_studio(settings, project)
+    encode = None
+    if settings.student_backbone == "clip":
 
-    promoted: bool
-    reason: str
-    candidate: float | None = None
-    current: float | None = None
-    baseline: str = "maskclip"
-    pixels: int = 0
+        def encode(image):
+            return segmenter.encode(image, mode="whole")
+
+    data = load_project(
+        auth,
+        ImageFetcher(settings, auth),
+        project,
+        settings.holdout_fraction,
+        short_side=max(config.crop, settings.segment.short_side),
+        encode=encode,
+        progress=lambda done, total: progress.update(phase="fetching data", fetched=done, tasks=total),
+    )
+    if not data.train:
+        raise ProjectDataError(f"project {project} has no images the worker could fetch.")
+    log.info(
+        "project %s: %d training images (%d annotated), %d held out, %d images and %d annotations skipped",
+        project,
+        len(data.train),
+        data.annotated - len(data.held_out),
+        len(data.held_out),
+        data.skipped,
+        data.skipped_annotations,
+    )
+    return data
 
 
-def judge(
+def _train(
+    segmenter: Segmenter,
+    settings: Settings,
+    data: ProjectData,
+    labels: LabelSet,
+    config: TrainConfig,
+    trigger: str,
+    progress: Progress,
+) -> StudentCheckpoint:
+    student_config = StudentConfig(
+        backbone=settings.student_backbone, backbone_weights=settings.student_backbone_weights
+    )
+    net = train_student(segmenter, data.train, labels, config, student_config, progress=progress.training_step)
+    return StudentCheckpoint(
+        net=net,
+        labels=list(data.control.labels),
+        prompts=[list(p) for p in data.control.prompts],
+        teacher={
+            "model": settings.model,
+            "pretrained": settings.pretrained,
+            "model_id": segmenter.clip.model_id,
+            "weights_id": segmenter.clip.weights_id,
+        },
+        info={
+            "trigger": trigger,
+            "from_name": data.control.from_name,
+            "backbone": student_config.backbone,
+            "dense_mode": segmenter.options.dense_mode,  # also in checkpoint.options; shown by /versions
+            "train": dataclasses.asdict(config),
+            "images": len(data.train),
+            "annotated": data.annotated,
+            "held_out": len(data.held_out),
+        },
+        options=segmenter.options,
+    )
+
+
+def _judge_and_store(
+    segmenter: Segmenter,
+    settings: Settings,
+    project: int,
+    checkpoint: StudentCheckpoint,
+    labels: LabelSet,
+    data: ProjectData,
+    progress: Progress,
+    job: Any,
+) -> dict[str, Any]:
+    """Judge the candidate, store it as a new version, and promote it when the gate says so."""
+    progress.update(force=True, phase="evaluating")
+    registry = ModelRegistry(settings.model_dir)
+    gate = GateConfig(margin=settings.gate_margin, confidence=settings.gate_confidence)
+    judged_against = registry.active_name(project)
+    verdict = judge(segmenter, registry, project, checkpoint, labels, data.held_out, gate)
+    checkpoint.metrics = _metrics(verdict)
+    progress.check_owner()  # a replaced job stores nothing
+    version = registry.add(project, checkpoint)
+    promoted, reason = verdict.promoted, verdict.reason
+    if promoted:
+        promoted, reason = _promote(
+            segmenter, registry, project, checkpoint, labels, data, gate, version, judged_against, job
+        )
+        reason = reason or verdict.reason
+    return {
+        "project": project,
+        "version": version.name,
+        "promoted": promoted,
+        **_metrics(verdict),
+        "reason": reason,
+        "skipped_images": data.skipped,  # tasks whose image could not be fetched (warned in the log)
+        "skipped_annotations": data.skipped_annotations,  # annotations that could not be read
+    }
+
+
+def _promote(
     segmenter: Segmenter,
     registry: ModelRegistry,
     project: int,
     checkpoint: StudentCheckpoint,
     labels: LabelSet,
-    held_out: list[TrainingImage],
-    min_pixels: int,
-    margin: float,
-) -> Verdict:
-    """Score the candidate and the model it would replace (the active student, else MaskCLIP) on held-out images.
+    data: ProjectData,
+    gate: GateConfig,
+    version: StudentVersion,
+    judged_against: str | None,
+    job: Any,
+) -> tuple[bool, str | None]:
+    def rejudge() -> tuple[bool, str]:
+        again = judge(segmenter, registry, project, checkpoint, labels, data.held_out, gate)
+        return again.promoted, again.reason
 
-    Both sides are scored as the backend serves them: MaskCLIP with
-    ``segmenter.options`` (the serving options, background threshold included),
-    a student with the dense mode it records and the serving background
-    threshold. The candidate is promoted only when at least ``min_pixels``
-    labelled pixels were held out and its mIoU exceeds the current model's by
-    more than ``margin``: a tie, or a gain within the margin, keeps the current
-    model (replacing a model for noise would change every later prediction).
-    """
-    options = segmenter.options
-    active = registry.active(project)
-    baseline_name, baseline = "maskclip", None
-    if active is not None:
-        previous = StudentCheckpoint.load(active.checkpoint, segmenter.clip.device)
-        if previous.labels == checkpoint.labels and previous.prompts == checkpoint.prompts:
-            baseline_name, baseline = active.name, StudentSegmenter(segmenter, previous)
-    if not held_out:
-        return Verdict(
-            False,
-            "kept, not promoted: at least two accepted annotations are needed to hold one out for judging",
-            baseline=baseline_name,
-        )
-    num = len(checkpoint.labels)
-    candidate = StudentSegmenter(segmenter, checkpoint)
-    scored = evaluate(lambda image: candidate.segment(image, options.bg_threshold).label_map, held_out, num)
-    if baseline is None:
-        current = evaluate(lambda image: segmenter.segment(image, labels).label_map, held_out, num)
-    else:
-        current = evaluate(lambda image: baseline.segment(image, options.bg_threshold).label_map, held_out, num)
-    new, old, pixels = scored.miou, current.miou, scored.pixels
-    if pixels < min_pixels:
-        promoted = False
-        reason = (
-            f"kept, not promoted: only {pixels} labelled pixels were held out and MASKCLIP_GATE_MIN_PIXELS asks for "
-            f"{min_pixels} (held-out mIoU {new:.3f} against {old:.3f}); annotate more images"
-        )
-    elif new > old + margin:
-        promoted = True
-        reason = f"promoted: held-out mIoU {new:.3f} beats {old:.3f} by more than {margin:g} on {pixels} pixels"
-    else:
-        promoted = False
-        reason = (
-            f"kept, not promoted: held-out mIoU {new:.3f} does not beat {old:.3f} by more than "
-            f"MASKCLIP_GATE_MARGIN={margin:g}"
-        )
-    return Verdict(promoted, reason, new, old, baseline_name, pixels)
+    connection, job_id = (job.connection, job.id) if job is not None else (None, None)
+    promoted, refused = promote(connection, registry, version, judged_against, rejudge, job_id)
+    if promoted:  # not when activation found a newer job or a better model
+        queue_after_promotion(project, version.name)  # the student's proposals everywhere
+    return promoted, refused
+
+
+def _metrics(verdict: Verdict) -> dict[str, Any]:
+    return {
+        "held_out_miou": verdict.candidate,
+        "baseline": verdict.baseline,
+        "baseline_miou": verdict.current,
+        "held_out_pixels": verdict.pixels,
+        "gain_low": verdict.gain_low,
+        "gain_high": verdict.gain_high,
+        "held_out_blocks": verdict.units,
+    }
