@@ -11,6 +11,7 @@ RUN pip install ${TORCH_INDEX:+--index-url $TORCH_INDEX} $TORCH_SPEC
 
 COPY pyproject.toml README.md ./
 COPY maskclip_engine maskclip_engine
+COPY maskclip_service maskclip_service
 COPY ls_integration ls_integration
 COPY backend backend
 COPY workers workers

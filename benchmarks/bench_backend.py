@@ -39,9 +39,9 @@ from werkzeug.serving import make_server
 
 from backend.app import create_app
 from ls_integration.predictor import Predictor
-from ls_integration.settings import Settings
 from maskclip_engine import Segmenter
 from maskclip_engine.images import decode_image
+from maskclip_service.settings import Settings
 
 LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]
 CONFIG = (

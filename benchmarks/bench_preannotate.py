@@ -37,8 +37,8 @@ from rq import Worker
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ls_integration import preannotation as runs  # noqa: E402
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
+from maskclip_service import preannotation_runs as runs  # noqa: E402
 from tests.label_studio_server import TOKEN, LabelStudio, brush_config  # noqa: E402
 
 LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]

@@ -24,9 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
-from maskclip_engine.student import StudentCheckpoint, StudentConfig  # noqa: E402
-from maskclip_engine.student_segmenter import StudentSegmenter  # noqa: E402
-from maskclip_engine.training import TrainConfig, TrainingImage, evaluate, train_student  # noqa: E402
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.gate import evaluate
+from maskclip_engine.students.network import StudentConfig  # noqa: E402
+from maskclip_engine.students.serving import StudentSegmenter  # noqa: E402
+from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student  # noqa: E402
 from tests.scenes import CLASSES, make_scene  # noqa: E402
 
 

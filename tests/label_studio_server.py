@@ -141,6 +141,11 @@ class Backend:
         stop_process_group(self.process)
 
 
+def project_version(backend_url: str, project: int) -> str:
+    """MaskCLIP's model version for a connected project (it names the project's label set)."""
+    return requests.post(f"{backend_url}/versions", json={"project": str(project)}, timeout=10).json()["versions"][0]
+
+
 def brush_results(labels: np.ndarray, names: list[str], from_name: str = "tag", to_name: str = "image") -> list[dict]:
     """A label map as Label Studio brush results, one per label present (as an annotator would submit)."""
     height, width = labels.shape

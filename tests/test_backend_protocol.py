@@ -13,9 +13,10 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from backend.app import create_app
+from ls_integration.label_config import parse_label_config
 from ls_integration.predictor import Predictor
-from ls_integration.settings import Settings
 from maskclip_engine import SegmentOptions
+from maskclip_service.settings import Settings
 from tests.conftest import scene
 from tests.http_server import FileServer
 
@@ -102,8 +103,13 @@ def test_health_and_root(client) -> None:
 def test_setup_returns_the_model_version(client, predictor: Predictor) -> None:
     reply = client.post("/setup", json={"project": "7.1700000000", "schema": BRUSH_CONFIG, "hostname": "x"})
     assert reply.status_code == 200
-    assert reply.json == {"model_version": predictor.version}
-    assert predictor.version.endswith("-ks-pd") or "-ks-pd-" in predictor.version
+    version = predictor.maskclip_version(parse_label_config(BRUSH_CONFIG))
+    assert reply.json == {"model_version": version}
+    assert version.startswith(predictor.base_version) and "-ks-pd" in predictor.base_version
+    # The version names the label set: another label set is another version, the same labels the same one.
+    other = parse_label_config(BRUSH_CONFIG.replace('value="Sky"', 'value="Cloud"'))
+    assert predictor.maskclip_version(other) != version
+    assert predictor.maskclip_version(parse_label_config(BRUSH_CONFIG)) == version
 
 
 def test_setup_rejects_a_config_without_brush_or_polygon_labels(client) -> None:
@@ -126,7 +132,7 @@ def test_predict_several_tasks(client, predictor: Predictor) -> None:
     assert len(results) == 3
     sizes = [(160, 96), (80, 120), (120, 90)]
     for prediction, (width, height) in zip(results, sizes):
-        assert prediction["model_version"] == predictor.version
+        assert prediction["model_version"] == predictor.maskclip_version(parse_label_config(BRUSH_CONFIG))
         assert prediction["result"], "every image gets at least one label"
         covered = np.zeros((height, width), dtype=int)
         for region in prediction["result"]:
@@ -193,10 +199,16 @@ def test_training_without_a_queue_says_how_to_get_one(client) -> None:
 
 
 def test_versions(client, predictor: Predictor) -> None:
-    assert client.get("/versions").json["versions"] == [predictor.version]
+    client.post("/setup", json={"project": "7", "schema": BRUSH_CONFIG})
+    other = BRUSH_CONFIG.replace('value="Sky"', 'value="Cloud"')
+    client.post("/setup", json={"project": "8", "schema": other})
+    version = predictor.maskclip_version(parse_label_config(BRUSH_CONFIG))
     reply = client.post("/versions", json={"project": "7.1"}).json
-    assert reply["versions"] == [predictor.version]
-    assert reply["details"] == [{"version": predictor.version, "model": "maskclip", "active": True}]
+    assert reply["versions"] == [version]
+    assert reply["details"] == [{"version": version, "model": "maskclip", "active": True}]
+    # Label Studio 1.23 asks without a project: every connected project's MaskCLIP version is listed.
+    listed = client.get("/versions").json["versions"]
+    assert version in listed and predictor.maskclip_version(parse_label_config(other)) in listed
 
 
 def test_basic_auth_guards_everything_but_health(settings: Settings, predictor: Predictor) -> None:

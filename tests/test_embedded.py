@@ -101,10 +101,11 @@ def test_health_reports_an_unreachable_queue_and_stays_up(settings, predictor, t
 
 
 def test_embedded_queue_under_a_relative_model_dir(monkeypatch, tmp_path) -> None:
-    from ls_integration.embedded import EmbeddedQueue
+    from backend.cli import embedded_worker_command
+    from maskclip_service.embedded_queue import EmbeddedQueue
 
     monkeypatch.chdir(tmp_path)  # MODEL_DIR=models, as the default is
-    queue = EmbeddedQueue(Path("models") / ".queue")
+    queue = EmbeddedQueue(Path("models") / ".queue", embedded_worker_command())
     try:
         assert queue.redis.ping() and queue.socket.is_absolute()
     finally:

@@ -16,7 +16,7 @@ from PIL import Image
 from maskclip_engine import Segmenter
 from maskclip_engine.cli import main
 from maskclip_engine.evaluation import VOC_CLASSES, EvalConfig
-from maskclip_engine.metrics import confusion_matrix, scores
+from maskclip_engine.miou import confusion_matrix, scores
 from maskclip_engine.visualize import palette as colours
 from tests.scenes import CLASSES, make_scene
 from tests.tiny_models import TinyModel

@@ -19,11 +19,13 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
-from ls_integration import queue as training_queue
-from ls_integration.queue import connect, enqueue_training, lock_key
-from ls_integration.settings import Settings
-from maskclip_engine.registry import ModelRegistry
-from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.network import StudentConfig, StudentNet
+from maskclip_engine.students.registry import ModelRegistry
+from maskclip_service import training_queue
+from maskclip_service.redis_connection import connect
+from maskclip_service.settings import Settings
+from maskclip_service.training_queue import enqueue_training, lock_key
 from tests.label_studio_server import TOKEN, scene_project
 from tests.scenes import CLASSES
 
@@ -255,8 +257,8 @@ ACTIVATE_LOOP = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from ls_integration.queue import connect
-    from maskclip_engine.registry import ModelRegistry
+    from maskclip_service.redis_connection import connect
+    from maskclip_engine.students.registry import ModelRegistry
     from workers.promotion import promote
 
     registry = ModelRegistry(Path(sys.argv[1]))

@@ -1,18 +1,21 @@
-"""The promotion gate: scores both sides as the backend serves them, needs enough held-out pixels, keeps ties."""
+"""The promotion gate: scores both sides as the backend serves them, promotes on clear evidence, keeps ties."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from maskclip_engine import LabelSet, Segmenter
-from maskclip_engine.registry import ModelRegistry
-from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
-from maskclip_engine.student_segmenter import StudentSegmenter
-from maskclip_engine.training import TrainConfig, TrainingImage, evaluate, train_student
+from maskclip_engine.miou import scores
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.gate import GateConfig, bootstrap_gain, decide, evaluate, judge
+from maskclip_engine.students.network import StudentConfig, StudentNet
+from maskclip_engine.students.registry import ModelRegistry
+from maskclip_engine.students.serving import StudentSegmenter
+from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student
 from tests.scenes import CLASSES, make_scene
-from workers.jobs import judge
 
 LABELS = LabelSet.parse(CLASSES)
 PROJECT = 5
@@ -20,7 +23,7 @@ PROJECT = 5
 
 @pytest.fixture(scope="module")
 def segmenter(vit_segmenter: Segmenter) -> Segmenter:
-    return Segmenter(vit_segmenter.clip, vit_segmenter.options.replace(short_side=128), vit_segmenter.text)
+    return vit_segmenter.with_options(vit_segmenter.options.replace(short_side=128))
 
 
 @pytest.fixture(scope="module")
@@ -50,40 +53,59 @@ def active_registry(tmp_path: Path, student: StudentCheckpoint) -> ModelRegistry
     return registry
 
 
-def test_a_better_student_is_promoted_over_the_active_one(segmenter, trained, untrained, held_out, tmp_path) -> None:
+def test_a_clearly_better_student_is_promoted_on_two_small_held_out_images(
+    segmenter, trained, untrained, held_out, tmp_path
+) -> None:
     registry = active_registry(tmp_path, untrained)
-    verdict = judge(segmenter, registry, PROJECT, trained, LABELS, held_out, min_pixels=1000, margin=0.005)
+    verdict = judge(segmenter, registry, PROJECT, trained, LABELS, held_out)
     assert verdict.baseline == f"student-p{PROJECT}-v1"
     assert verdict.pixels == sum(item.labels.size for item in held_out) == 2 * 128 * 160
-    assert verdict.candidate > verdict.current + 0.005 and verdict.promoted, verdict.reason
-    assert verdict.reason.startswith("promoted:")
-
-
-def test_too_few_held_out_pixels_keep_the_current_model(segmenter, trained, untrained, held_out, tmp_path) -> None:
-    registry = active_registry(tmp_path, untrained)
-    verdict = judge(segmenter, registry, PROJECT, trained, LABELS, held_out, min_pixels=50_000, margin=0.005)
-    assert not verdict.promoted and verdict.candidate > verdict.current  # better, but judged on too little
-    assert "only 40960 labelled pixels" in verdict.reason
-    assert "MASKCLIP_GATE_MIN_PIXELS asks for 50000" in verdict.reason
+    assert verdict.units == 2 * 16  # each image cut into 4 x 4 blocks
+    assert verdict.candidate > verdict.current and verdict.promoted, verdict.reason
+    assert 0 < verdict.gain_low <= verdict.candidate - verdict.current <= verdict.gain_high
+    assert verdict.reason.startswith("promoted:") and "95% bound" in verdict.reason
 
 
 def test_a_tie_keeps_the_current_model(segmenter, trained, held_out, tmp_path) -> None:
     registry = active_registry(tmp_path, trained)
     same = checkpoint(trained.net, segmenter)
-    verdict = judge(segmenter, registry, PROJECT, same, LABELS, held_out, min_pixels=0, margin=0.0)
+    verdict = judge(segmenter, registry, PROJECT, same, LABELS, held_out)
     assert verdict.candidate == verdict.current and not verdict.promoted
-    assert "does not beat" in verdict.reason
-    # A real gain within the margin keeps it too.
-    ahead = judge(segmenter, ModelRegistry(tmp_path / "none"), PROJECT, trained, LABELS, held_out, 0, margin=0.99)
-    assert ahead.candidate > ahead.current and not ahead.promoted and "MASKCLIP_GATE_MARGIN=0.99" in ahead.reason
+    assert verdict.gain_low == verdict.gain_high == 0.0
+    assert "does not clear the margin" in verdict.reason
+    # A real gain whose lower bound stays within the margin keeps it too.
+    strict = GateConfig(margin=0.99)
+    ahead = judge(segmenter, ModelRegistry(tmp_path / "none"), PROJECT, trained, LABELS, held_out, strict)
+    assert ahead.candidate > ahead.current and not ahead.promoted and "MASKCLIP_GATE_MARGIN" in ahead.reason
+
+
+def test_the_bootstrap_separates_a_consistent_gain_from_a_mixed_one() -> None:
+    """Hand-built block counts: winning on every block is evidence, winning on half and losing on half is not."""
+
+    def block(right: int, wrong: int) -> np.ndarray:  # two classes, 100 pixels of class 0 and 100 of class 1
+        matrix = np.zeros((2, 3), dtype=np.int64)
+        matrix[0, 0], matrix[0, 1] = right, wrong
+        matrix[1, 1], matrix[1, 0] = right, wrong
+        return matrix
+
+    better = np.stack([block(95, 5)] * 8)
+    worse = np.stack([block(80, 20)] * 8)
+    gain, low, high = bootstrap_gain(better, worse, GateConfig())
+    assert gain > 0.2 and low > 0.2 and high >= gain
+    mixed = np.stack([block(95, 5), block(60, 40)] * 4)
+    steady = np.stack([block(80, 20)] * 8)
+    gain, low, high = bootstrap_gain(mixed, steady, GateConfig())
+    assert low < 0 < high
+    verdict = decide(scores(mixed.sum(0)), scores(steady.sum(0)), mixed, steady, GateConfig(), "maskclip")
+    assert not verdict.promoted and verdict.gain_low < 0
 
 
 def test_both_sides_are_scored_with_the_serving_background_threshold(
     segmenter, trained, untrained, held_out, tmp_path
 ) -> None:
-    serving = Segmenter(segmenter.clip, segmenter.options.replace(bg_threshold=0.9), segmenter.text)
+    serving = segmenter.with_options(segmenter.options.replace(bg_threshold=0.9))
     registry = active_registry(tmp_path, untrained)
-    verdict = judge(serving, registry, PROJECT, trained, LABELS, held_out, min_pixels=0, margin=0.0)
+    verdict = judge(serving, registry, PROJECT, trained, LABELS, held_out)
     num = len(CLASSES)
 
     def served(student: StudentCheckpoint, threshold: float) -> float:
@@ -93,7 +115,7 @@ def test_both_sides_are_scored_with_the_serving_background_threshold(
     assert verdict.candidate == served(trained, 0.9) != served(trained, 0.0)
     assert verdict.current == served(untrained, 0.9) != served(untrained, 0.0)
     # With no student active the baseline is MaskCLIP as the backend runs it: the same threshold.
-    fresh = judge(serving, ModelRegistry(tmp_path / "fresh"), PROJECT, trained, LABELS, held_out, 0, 0.0)
+    fresh = judge(serving, ModelRegistry(tmp_path / "fresh"), PROJECT, trained, LABELS, held_out)
     maskclip = evaluate(lambda image: serving.segment(image, LABELS).label_map, held_out, num).miou
     plain = evaluate(lambda image: serving.segment(image, LABELS, bg_threshold=0.0).label_map, held_out, num).miou
     assert fresh.baseline == "maskclip" and fresh.current == maskclip != plain
@@ -102,12 +124,12 @@ def test_both_sides_are_scored_with_the_serving_background_threshold(
 def test_a_student_for_other_synonyms_is_not_the_baseline(segmenter, trained, untrained, held_out, tmp_path) -> None:
     registry = active_registry(tmp_path, untrained)
     renamed = StudentCheckpoint(trained.net, LABELS.names, [["ground", "soil"], ["red disc"], ["blue box"]], {})
-    verdict = judge(segmenter, registry, PROJECT, renamed, LABELS, held_out, min_pixels=0, margin=0.0)
+    verdict = judge(segmenter, registry, PROJECT, renamed, LABELS, held_out)
     assert verdict.baseline == "maskclip"
 
 
 def test_without_held_out_images_nothing_is_promoted(segmenter, trained, tmp_path) -> None:
-    verdict = judge(segmenter, ModelRegistry(tmp_path), PROJECT, trained, LABELS, [], min_pixels=0, margin=0.0)
+    verdict = judge(segmenter, ModelRegistry(tmp_path), PROJECT, trained, LABELS, [])
     assert not verdict.promoted and verdict.candidate is None and "two accepted annotations" in verdict.reason
 
 

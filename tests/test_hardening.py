@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
+from ls_integration.auth import LabelStudioAuth
 from ls_integration.errors import ImageFetchError
 from ls_integration.fetching import ImageFetcher
 from ls_integration.ids import is_id
-from ls_integration.label_studio import LabelStudioAuth
 from ls_integration.predictor import Predictor
-from maskclip_engine.registry import ModelRegistry
-from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.network import StudentConfig, StudentNet
+from maskclip_engine.students.registry import ModelRegistry
 from tests.test_backend_protocol import (  # noqa: F401  (fixtures)
     BRUSH_CONFIG,
     document_root,

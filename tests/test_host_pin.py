@@ -13,6 +13,7 @@ from rq.job import Job
 from backend.app import create_app
 from ls_integration.host_pin import HostPin, pinned_host
 from ls_integration.predictor import Predictor
+from ls_integration.project_links import ProjectLink, ProjectLinks
 from tests.test_backend_protocol import (  # noqa: F401  (fixtures)
     BRUSH_CONFIG,
     document_root,
@@ -150,8 +151,11 @@ def test_concurrent_first_setups_agree_on_one_host(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["label_studio_host.json"]  # no staged files left
 
 
-def test_a_worker_refuses_a_job_naming_another_host(monkeypatch, tiny_vit, listener, tmp_path) -> None:
+def test_a_worker_refuses_a_project_link_naming_another_host(monkeypatch, tiny_vit, listener, tmp_path) -> None:
+    """A link written before the pin (or by hand) cannot send a job elsewhere, and an old job's own address
+    is not used at all: one rule decides where every job's Label Studio is."""
     HostPin(None, tmp_path).admit("http://127.0.0.1:1")  # pinned by an earlier /setup
+    ProjectLinks(tmp_path).save(5, ProjectLink(hostname=listener.url, access_token="x"))
     for key, value in {
         "MASKCLIP_MODEL": str(tiny_vit.config),
         "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
@@ -160,9 +164,14 @@ def test_a_worker_refuses_a_job_naming_another_host(monkeypatch, tiny_vit, liste
     }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
-    from ls_integration.dataset import ProjectDataError
-    from workers.jobs import train_project
+    from ls_integration.errors import HostNotAllowedError, ProjectDataError
+    from workers.training_job import train_project
 
-    with pytest.raises(ProjectDataError, match="pinned"):
+    with pytest.raises(HostNotAllowedError, match="pinned"):
+        train_project(5)
+    with pytest.raises(HostNotAllowedError, match="pinned"):
+        train_project(5, label_studio={"url": "http://127.0.0.1:1", "token": "x"})
+    ProjectLinks(tmp_path).path(5).unlink()
+    with pytest.raises(ProjectDataError, match="does not know where"):
         train_project(5, label_studio={"url": listener.url, "token": "x"})
     assert listener.connections == []

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from maskclip_engine import Segmenter, SegmentOptions
-from maskclip_engine.feature_cache import CacheKey, FeatureCache, image_digest, options_digest
-from maskclip_engine.interactive import DenseState, Prompts, interactive_mask
+from maskclip_engine.dense_state import DenseState
+from maskclip_engine.feature_cache import FeatureCache
+from maskclip_engine.image_features import FeatureKey, image_digest
+from maskclip_engine.interactive import Gestures, interactive_mask
 
 GRID = 8
 STRIDE = 8
@@ -67,7 +69,7 @@ def make_state(probs: np.ndarray | None = None, seed: int = 0) -> DenseState:
 
 def test_a_click_inside_a_block_of_similar_features_returns_that_block() -> None:
     state = make_state()
-    result = interactive_mask(state, Prompts(positive=(centre(2, 2),)))
+    result = interactive_mask(state, Gestures(positive=(centre(2, 2),)))
     assert result.mask.shape == (SIZE, SIZE) and result.mask.dtype == bool
     # C is a different part, like A (cosine ~0.74): a click on A takes it too; B and the background not.
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(A, C))
@@ -76,22 +78,22 @@ def test_a_click_inside_a_block_of_similar_features_returns_that_block() -> None
 
 def test_a_negative_click_removes_the_part_it_points_at() -> None:
     state = make_state()
-    result = interactive_mask(state, Prompts(positive=(centre(2, 2),), negative=(centre(2, 5),)))
+    result = interactive_mask(state, Gestures(positive=(centre(2, 2),), negative=(centre(2, 5),)))
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(A))
 
 
 def test_two_positive_clicks_take_both_objects_and_a_negative_one_drops_a_whole_part() -> None:
     state = make_state()
-    both = interactive_mask(state, Prompts(positive=(centre(2, 2), centre(6, 6))))
+    both = interactive_mask(state, Gestures(positive=(centre(2, 2), centre(6, 6))))
     np.testing.assert_array_equal(cell_centres(both.mask), blocks(A, C, B))
-    without_c = interactive_mask(state, Prompts(positive=(centre(2, 2), centre(6, 6)), negative=(centre(3, 4),)))
+    without_c = interactive_mask(state, Gestures(positive=(centre(2, 2), centre(6, 6)), negative=(centre(3, 4),)))
     np.testing.assert_array_equal(cell_centres(without_c.mask), blocks(A, B))
 
 
 def test_a_box_clips_to_its_area_and_picks_the_object_inside() -> None:
     state = make_state()
     right, bottom = 22, 40  # the box cuts A inside its third column; C and B lie outside
-    result = interactive_mask(state, Prompts(box=(0.0, 0.0, float(right), float(bottom))))
+    result = interactive_mask(state, Gestures(box=(0.0, 0.0, float(right), float(bottom))))
     assert not result.mask[:, right + 1 :].any() and not result.mask[bottom + 1 :, :].any(), "the mask leaves the box"
     np.testing.assert_array_equal(cell_centres(result.mask)[:5, :3], blocks(A)[:5, :3])
     expected = pixels(blocks(A))
@@ -107,7 +109,7 @@ def test_a_click_where_maskclip_says_another_label_still_returns_the_clicked_obj
     probs[1][B] = 0.0
     state = make_state(probs)
     assert int(state.probs[:, 2, 2].argmax()) == 1
-    result = interactive_mask(state, Prompts(positive=(centre(2, 2),), label=0))
+    result = interactive_mask(state, Gestures(positive=(centre(2, 2),), label=0))
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(A, C))
     assert result.label == 0
 
@@ -119,8 +121,8 @@ def test_where_maskclip_agrees_the_label_extends_the_region_over_its_object() ->
     extended[1:4, 6] = True  # a column unlike A in features, but MaskCLIP says it is the same label
     probs[0][extended], probs[1][extended] = 1.0, 0.0
     state = make_state(probs)
-    plain = interactive_mask(state, Prompts(positive=(centre(2, 2),)))
-    labelled = interactive_mask(state, Prompts(positive=(centre(2, 2),), label=0))
+    plain = interactive_mask(state, Gestures(positive=(centre(2, 2),)))
+    labelled = interactive_mask(state, Gestures(positive=(centre(2, 2),), label=0))
     assert not cell_centres(plain.mask)[1:4, 6].any()
     np.testing.assert_array_equal(cell_centres(labelled.mask), extended)
 
@@ -129,23 +131,23 @@ def test_a_phrase_scores_against_the_other_labels() -> None:
     state = make_state()
     text = torch.eye(DIM)[1]
     competitors = torch.stack([torch.eye(DIM)[0], torch.eye(DIM)[5]])
-    result = interactive_mask(state, Prompts(text=text, competitors=competitors))
+    result = interactive_mask(state, Gestures(text=text, competitors=competitors))
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(B))
-    alone = interactive_mask(state, Prompts(text=text))
+    alone = interactive_mask(state, Gestures(text=text))
     np.testing.assert_array_equal(cell_centres(alone.mask), blocks(B))
 
 
 def test_no_prompt_gives_an_empty_mask_and_bad_labels_are_refused() -> None:
     state = make_state()
-    assert not interactive_mask(state, Prompts()).mask.any()
+    assert not interactive_mask(state, Gestures()).mask.any()
     with pytest.raises(Exception, match="out of range"):
-        interactive_mask(state, Prompts(positive=(centre(2, 2),), label=5))
+        interactive_mask(state, Gestures(positive=(centre(2, 2),), label=5))
 
 
 def test_clicks_at_image_edges_and_odd_image_sizes() -> None:
     state = make_state()
     odd = DenseState(state.features, state.keys, state.probs, state.labels, (50, 77), STRIDE)
-    result = interactive_mask(odd, Prompts(positive=((77.0, 50.0),), negative=((-3.0, -3.0),)))
+    result = interactive_mask(odd, Gestures(positive=((77.0, 50.0),), negative=((-3.0, -3.0),)))
     assert result.mask.shape == (50, 77)
 
 
@@ -156,36 +158,38 @@ def entry(megabytes: float) -> torch.Tensor:
 
 def test_cache_evicts_least_recently_used_by_size() -> None:
     cache = FeatureCache(max_mb=3)
-    keys = [CacheKey(f"img{i}", "v1", "o") for i in range(4)]
+    keys = [(f"img{i}", "v1", "o") for i in range(4)]
     for key in keys[:3]:
         cache.put(key, entry(1))
     assert len(cache) == 3 and cache.bytes_used == 3 * 1024 * 1024
     assert cache.get(keys[0]) is not None  # now the most recent
     cache.put(keys[3], entry(1))
     assert keys[1] not in cache and keys[0] in cache and keys[3] in cache
-    cache.put(CacheKey("big", "v1", "o"), entry(2.5))
+    cache.put(("big", "v1", "o"), entry(2.5))
     assert len(cache) == 1 and cache.bytes_used <= 3 * 1024 * 1024
-    cache.put(CacheKey("huge", "v1", "o"), entry(4))  # larger than the whole budget: not stored
-    assert CacheKey("huge", "v1", "o") not in cache
+    cache.put(("huge", "v1", "o"), entry(4))  # larger than the whole budget: not stored
+    assert ("huge", "v1", "o") not in cache
     disabled = FeatureCache(max_mb=0)
     disabled.put(keys[0], entry(0.1))
     assert len(disabled) == 0 and not disabled.enabled
 
 
-def test_cache_keys_include_model_version_and_options() -> None:
+def test_feature_keys_name_the_image_model_and_every_option_that_changes_features(vit_segmenter) -> None:
     image = np.zeros((4, 5, 3), dtype=np.uint8)
     same = image.copy()
     other = image.copy()
     other[0, 0, 0] = 1
     assert image_digest(image) == image_digest(same) != image_digest(other)
     assert image_digest(np.zeros((5, 4, 3), dtype=np.uint8)) != image_digest(image)
-    assert options_digest(labels=["a"], short_side=448) == options_digest(short_side=448, labels=["a"])
-    assert options_digest(labels=["a"]) != options_digest(labels=["b"])
-    cache = FeatureCache(max_mb=1)
-    cache.put(CacheKey(image_digest(image), "v1", options_digest(labels=["a"])), entry(0.01))
-    assert cache.get(CacheKey(image_digest(same), "v1", options_digest(labels=["a"]))) is not None
-    assert cache.get(CacheKey(image_digest(same), "v2", options_digest(labels=["a"]))) is None
-    assert cache.get(CacheKey(image_digest(same), "v1", options_digest(labels=["b"]))) is None
+    options = SegmentOptions()
+    key = vit_segmenter.feature_key(image, options)
+    assert key == vit_segmenter.feature_key(same, options) != vit_segmenter.feature_key(other, options)
+    for change in ({"dense_mode": "naclip"}, {"short_side": 224}, {"mode": "slide"}, {"max_long_side": 999}):
+        assert vit_segmenter.feature_key(image, options.replace(**change)) != key, change
+    # Options of the head (labels, refinements, thresholds) and whole-mode window sizes do not change features.
+    for change in ({"key_smoothing": False}, {"bg_threshold": 0.3}, {"crop": 224}, {"pamr": True}):
+        assert vit_segmenter.feature_key(image, options.replace(**change)) == key, change
+    assert key.digest != FeatureKey(**{**key.to_dict(), "precision": "bf16"}).digest
 
 
 def test_cache_is_safe_under_threads() -> None:
@@ -196,7 +200,7 @@ def test_cache_is_safe_under_threads() -> None:
     def work(worker: int) -> None:
         try:
             for i in range(200):
-                key = CacheKey(f"img{(worker * 7 + i) % 13}", "v", "o")
+                key = (f"img{(worker * 7 + i) % 13}", "v", "o")
                 value, _ = cache.get_or_compute(key, lambda: computed.append(1) or entry(0.05))
                 assert value.numel() == entry(0.05).numel()
         except Exception as exc:  # pragma: no cover - reported below
@@ -233,7 +237,7 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra
     assert state.keys.shape[1:] == grid and state.probs.shape == (3, *grid)
     assert state.image_size == (70, 110) and state.stride == 16 and state.labels == tuple(labels)
     np.testing.assert_allclose(state.probs.sum(0).numpy(), 1.0, atol=1e-4)
-    mask = interactive_mask(state, Prompts(positive=((20.0, 30.0),), label=1)).mask
+    mask = interactive_mask(state, Gestures(positive=((20.0, 30.0),), label=1)).mask
     assert mask.shape == (70, 110) and mask[30, 20]
     again = vit_segmenter.dense_state(image, labels, **options)
     assert torch.allclose(again.features, state.features, atol=1e-5)
@@ -242,8 +246,9 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra
 
 @pytest.mark.parametrize("backbone", ["clip", "resnet50"])
 def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter, backbone: str) -> None:
-    from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
-    from maskclip_engine.student_segmenter import StudentSegmenter
+    from maskclip_engine.students.checkpoint import StudentCheckpoint
+    from maskclip_engine.students.network import StudentConfig, StudentNet
+    from maskclip_engine.students.serving import StudentSegmenter
     from tests.conftest import scene
 
     labels = ["wall", "grass", "sky"]
@@ -257,7 +262,7 @@ def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter,
     np.testing.assert_array_equal(result.label_map, student.segment(image).label_map)
     assert state.labels == tuple(labels) and state.probs.shape[0] == 3
     assert state.features.shape[1:] == state.probs.shape[1:] == state.keys.shape[1:]
-    mask = interactive_mask(state, Prompts(positive=((50.0, 35.0),), label=2)).mask
+    mask = interactive_mask(state, Gestures(positive=((50.0, 35.0),), label=2)).mask
     assert mask.shape == (70, 110) and mask[35, 50]
 
 

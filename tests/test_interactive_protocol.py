@@ -17,8 +17,8 @@ from PIL import Image
 from backend.app import create_app
 from ls_integration.label_config import parse_label_config
 from ls_integration.predictor import Predictor
-from ls_integration.settings import Settings
 from maskclip_engine import SegmentOptions
+from maskclip_service.settings import Settings
 from tests.conftest import scene
 
 LABELS = ("Wall", "Grass", "Sky")
@@ -177,7 +177,8 @@ def test_a_click_returns_a_brush_mask_under_it_with_the_click_label(client) -> N
     assert mask.shape == (HEIGHT, WIDTH) and mask[48, 32]
     assert region["value"]["brushlabels"] == ["Grass"]  # mapped to the output control's label by name
     assert "carried by the prompt" in region["meta"]["text"][0]
-    assert reply.json["results"][0]["model_version"] == client.application.config["MASKCLIP_PREDICTOR"].version
+    predictor = client.application.config["MASKCLIP_PREDICTOR"]
+    assert reply.json["results"][0]["model_version"] == predictor.maskclip_version(parse_label_config(CONFIG))
 
 
 def test_a_negative_click_takes_its_location_out(client) -> None:

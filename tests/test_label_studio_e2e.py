@@ -12,9 +12,9 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
+from ls_integration.auth import LabelStudioAuth
 from ls_integration.fetching import ImageFetcher
-from ls_integration.label_studio import LabelStudioAuth
-from ls_integration.settings import Settings
+from maskclip_service.settings import Settings
 from tests.conftest import scene
 from tests.label_studio_server import TOKEN, Backend, LabelStudio, scene_project
 
@@ -137,7 +137,6 @@ def test_start_training_in_label_studio_then_predictions_come_from_the_student(
         MASKCLIP_TRAIN_ITERATIONS="200",
         MASKCLIP_TRAIN_CROP="256",
         MASKCLIP_TRAIN_LR="0.05",
-        MASKCLIP_GATE_MIN_PIXELS="10000",  # the held-out scenes are small: 128x160 pixels each
         MODEL_DIR=str(tmp_path_factory.mktemp("e2e-models")),
         REDIS_URL="",  # no queue given: `serve` runs its own Redis and worker
     )

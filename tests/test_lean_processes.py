@@ -17,8 +17,8 @@ MASTER_IMPORTS = """
 import json, sys
 import gunicorn.app.base
 import backend.cli
-import ls_integration.embedded
-from ls_integration.settings import Settings
+import maskclip_service.embedded_queue
+from maskclip_service.settings import Settings
 Settings.from_env()
 import maskclip_engine
 maskclip_engine.SegmentOptions(), maskclip_engine.MaskClipError
@@ -55,9 +55,10 @@ def test_engine_names_still_import_on_first_use() -> None:
 
 
 def test_embedded_worker_waits_idle_without_torch(tmp_path: Path) -> None:
-    from ls_integration.embedded import EmbeddedQueue
+    from backend.cli import embedded_worker_command
+    from maskclip_service.embedded_queue import EmbeddedQueue
 
-    queue = EmbeddedQueue(tmp_path / "queue")
+    queue = EmbeddedQueue(tmp_path / "queue", embedded_worker_command())
     try:
         deadline = time.monotonic() + 60
         while not Worker.all(connection=queue.redis):  # registered: past start-up, waiting for jobs

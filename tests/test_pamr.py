@@ -101,7 +101,7 @@ def test_segment_with_pamr(vit_segmenter: Segmenter) -> None:
 
 def test_pamr_settings_from_the_environment_change_the_model_version(monkeypatch) -> None:
     from ls_integration.predictor import model_version
-    from ls_integration.settings import Settings
+    from maskclip_service.settings import Settings
 
     default = Settings.from_env().segment
     monkeypatch.setenv("MASKCLIP_PAMR", "true")

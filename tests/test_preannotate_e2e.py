@@ -17,8 +17,8 @@ from PIL import Image
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
-from ls_integration import preannotation as runs
-from tests.label_studio_server import TOKEN, Backend, LabelStudio, brush_config, brush_results
+from maskclip_service import preannotation_runs as runs
+from tests.label_studio_server import TOKEN, Backend, LabelStudio, brush_config, brush_results, project_version
 from tests.scenes import CLASSES, make_scene
 
 QUEUE = "maskclip-training"
@@ -105,8 +105,8 @@ def test_imported_tasks_get_one_prediction_each_and_broken_images_are_retried(
 ) -> None:
     redis_server.flushall()
     project = new_project(label_studio, "pre-annotate on import")
-    version = requests.get(f"{backend.url}/health", timeout=10).json()["model_version"]
     label_studio.api("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "MaskCLIP"})
+    version = project_version(backend.url, project)  # /setup told the backend the project's labels
     names = make_images(documents, "pre-import", 99) + ["pre-import/broken.png"]  # not on disk yet
 
     tasks = import_images(label_studio, project, names)  # Label Studio posts TASKS_CREATED to /webhook
@@ -186,13 +186,12 @@ def test_a_killed_worker_loses_only_its_chunk(
 def test_a_promoted_student_replaces_proposals_and_the_project_shows_it(
     label_studio: LabelStudio, env, monkeypatch, redis_server, documents: Path
 ) -> None:
-    from ls_integration.queue import enqueue_training
+    from maskclip_service.training_queue import enqueue_training
 
     redis_server.flushall()
     monkeypatch.setenv("MASKCLIP_SHORT_SIDE", "128")
     for key, value in {"ITERATIONS": "300", "CROP": "128", "LR": "0.05"}.items():
         monkeypatch.setenv(f"MASKCLIP_TRAIN_{key}", value)
-    monkeypatch.setenv("MASKCLIP_GATE_MIN_PIXELS", "10000")  # two held-out 128x160 scenes are enough here
     project = new_project(label_studio, "pre-annotate student")
     (documents / "pre-student").mkdir(exist_ok=True)
     scenes = {}
@@ -248,7 +247,7 @@ def test_retrieve_predictions_asks_again_for_a_task_whose_image_failed(
         )
         return versions_by_task(label_studio, project)
 
-    version = requests.get(f"{backend.url}/health", timeout=10).json()["model_version"]
+    version = project_version(backend.url, project)
     first = retrieve()
     assert [first[i] for i in ids] == [[version], [version], []]
     image, _ = make_scene(9, SIDE, SIDE)

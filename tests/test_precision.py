@@ -63,20 +63,20 @@ def test_bf16_runs_the_backbone_in_bf16_and_the_head_in_float32(
         seen["conv1"] = out.dtype
 
     segmenter.clip.visual.conv1.register_forward_hook(record_conv1)
-    label_logits, refine = segmenter_module.Segmenter._label_logits, segmenter_module.refine
+    label_logits, refine = segmenter_module.label_logits, segmenter_module.refine_with_options
 
     def spy_logits(*args, **kwargs):
         out = label_logits(*args, **kwargs)
         seen["logits"] = (out.dtype, torch.is_autocast_enabled("cpu"))
         return out
 
-    def spy_refine(logits, keys, **kwargs):
-        out = refine(logits, keys, **kwargs)
+    def spy_refine(logits, keys, options):
+        out = refine(logits, keys, options)
         seen["refine"] = (logits.dtype, keys.dtype, out.probs.dtype, torch.is_autocast_enabled("cpu"))
         return out
 
-    monkeypatch.setattr(segmenter_module.Segmenter, "_label_logits", staticmethod(spy_logits))
-    monkeypatch.setattr(segmenter_module, "refine", spy_refine)
+    monkeypatch.setattr(segmenter_module, "label_logits", spy_logits)
+    monkeypatch.setattr(segmenter_module, "refine_with_options", spy_refine)
     image, _ = make_scene(0, 96, 128)
     result = segmenter.segment(image, CLASSES)
     assert seen["conv1"] == torch.bfloat16

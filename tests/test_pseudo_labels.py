@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_engine import LabelSet, Segmenter, SegmentOptions
-from maskclip_engine.training import IGNORE, Batch, MaskClipTeacher
+from maskclip_engine.students.training import IGNORE, Batch, MaskClipTeacher
 
 STRIDE = 16
 LABELS = LabelSet.parse(["ground", ["red disc", "crimson disc"], "blue box"])
@@ -45,7 +45,7 @@ def make_batch(features: torch.Tensor, regions: np.ndarray) -> Batch:
     keys = F.one_hot(torch.from_numpy(regions), int(regions.max()) + 1).permute(2, 0, 1).float()
     pixels = torch.zeros(1, 3, height * STRIDE, width * STRIDE)
     blank = torch.full((1, height * STRIDE, width * STRIDE), IGNORE)
-    return Batch(pixels, blank, blank, blank >= IGNORE, features[None], keys[None])
+    return Batch(blank, blank, blank >= IGNORE, pixels=pixels, clip_features=features[None], clip_keys=keys[None])
 
 
 def cell_features(prompts: torch.Tensor, grid: np.ndarray) -> torch.Tensor:
@@ -139,16 +139,15 @@ def test_prompt_denoising_removes_a_label_that_is_never_confident(
 )
 def test_pseudo_labels_of_a_whole_image_are_what_segment_returns(vit_segmenter: Segmenter, options: dict) -> None:
     """On a crop that is the whole image, the teacher's labels are ``segment``'s, under every option."""
-    from maskclip_engine.training import _clip_features
     from tests.scenes import make_scene
 
     image = make_scene(31, 64, 96)[0]
-    view = Segmenter(vit_segmenter.clip, SegmentOptions(short_side=64, **options), vit_segmenter.text)
+    view = vit_segmenter.with_options(SegmentOptions(short_side=64, **options))
     expected = view.segment(image, LABELS).label_map
     pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(255)[None]
-    features, keys = _clip_features(view, pixels)
+    features, keys = view.dense_features_and_keys(view.from_unit(pixels))
     blank = torch.full((1, 64, 96), IGNORE)
-    batch = Batch(pixels, blank, blank, blank >= IGNORE, features, keys)
+    batch = Batch(blank, blank, blank >= IGNORE, pixels=pixels, clip_features=features, clip_keys=keys)
     labels = MaskClipTeacher(view, LABELS).pseudo_labels(batch)[0].numpy()
     assert len(np.unique(expected[expected >= 0])) >= 2  # a map worth comparing, not one label everywhere
     np.testing.assert_array_equal(labels, expected)

@@ -18,9 +18,10 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from maskclip_engine import LabelSet, Segmenter
 from maskclip_engine.errors import WeightsUnavailableError
-from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
-from maskclip_engine.student_segmenter import StudentSegmenter
-from maskclip_engine.training import MapTeacher, TrainConfig, TrainingImage, train_student
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.network import StudentConfig, StudentNet
+from maskclip_engine.students.serving import StudentSegmenter
+from maskclip_engine.students.training import MapTeacher, TrainConfig, TrainingImage, train_student
 from tests.scenes import CLASSES, make_scene
 
 LABELS = LabelSet.parse(CLASSES)

@@ -12,11 +12,11 @@ import pytest
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
+from ls_integration.auth import LabelStudioAuth
 from ls_integration.errors import ImageFetchError, ImageHostUnreachableError
 from ls_integration.fetching import ImageFetcher
-from ls_integration.label_studio import LabelStudioAuth
-from ls_integration.settings import Settings
-from maskclip_engine.registry import ModelRegistry
+from maskclip_engine.students.registry import ModelRegistry
+from maskclip_service.settings import Settings
 from tests.conftest import scene
 from tests.label_studio_server import brush_config, brush_results
 from tests.scenes import CLASSES, make_scene
@@ -158,7 +158,7 @@ def test_a_flaky_export_still_trains(job_env, tmp_path) -> None:
     server.failures["/data/upload/1.png"] = 1
     try:
         job_env(server.url)
-        from workers.jobs import train_project
+        from workers.training_job import train_project
 
         result = train_project(3, trigger="test", options={"iterations": 5})
         assert result["skipped_images"] == 0 and result["version"] == "student-p3-v1"
@@ -170,8 +170,8 @@ def test_label_studio_stopping_while_a_job_reads_data(job_env, tmp_path) -> None
     server = StandIn(project=4, images=12, annotated=6)
     server.stop_after_images = 3
     job_env(server.url)
-    from ls_integration.dataset import ProjectDataError
-    from workers.jobs import train_project
+    from ls_integration.errors import ProjectDataError
+    from workers.training_job import train_project
 
     started = time.perf_counter()
     with pytest.raises(ProjectDataError, match="stopped answering") as failure:

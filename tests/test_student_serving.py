@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from maskclip_engine import LabelSet, Segmenter
 from maskclip_engine.errors import InvalidOptionError, WeightsUnavailableError
 from maskclip_engine.evaluation import EvalConfig, config_predictor
-from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
-from maskclip_engine.student_segmenter import StudentSegmenter, student_probabilities
-from maskclip_engine.training import TrainConfig, TrainingImage, train_student
+from maskclip_engine.segmenter import label_logits
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.network import StudentConfig, StudentNet
+from maskclip_engine.students.serving import StudentSegmenter, student_probabilities
+from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student
 from tests.scenes import CLASSES, make_scene
 
 SYNONYMS = LabelSet.parse(["ground", ["red disc", "crimson disc"], "blue box"])
@@ -70,7 +72,7 @@ def test_one_synonym_rule_for_teacher_and_student(segmenter: Segmenter) -> None:
 
     features = feature.view(1, -1, 1, 1)
     owner = torch.tensor(SYNONYMS.owner)
-    teacher = Segmenter._label_logits(features, text, owner, len(SYNONYMS))
+    teacher = label_logits(features, text, owner, len(SYNONYMS))
     net = train_student(segmenter, [TrainingImage(*make_scene(5, 64, 80))], SYNONYMS, TrainConfig(1, 1, 64, lr=0.0))
     with torch.no_grad():
         student = net.classifier(features)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_engine import MASKCLIP_TEMPLATES, InvalidLabelsError, LabelSet, Segmenter
-from maskclip_engine.prompts import SCENE_TEMPLATES
-from maskclip_engine.segmenter import Segmenter as _Segmenter
+from maskclip_engine.segmenter import label_logits
 from maskclip_engine.short_context import ShortContextTower
+from maskclip_engine.templates import SCENE_TEMPLATES
 from maskclip_engine.text import TextEmbedder
 from tests.tiny_models import TinyModel
 
@@ -47,7 +47,7 @@ def test_label_logit_is_the_max_over_its_synonyms(vit_segmenter: Segmenter) -> N
     features = torch.randn(2, 32, 3, 4)
     text = F.normalize(torch.randn(3, 32), dim=-1)
     owner = torch.tensor([0, 0, 1])
-    grouped = _Segmenter._label_logits(features, text, owner, 2)
+    grouped = label_logits(features, text, owner, 2)
     each = torch.einsum("bdhw,sd->bshw", F.normalize(features, dim=1), text)
     torch.testing.assert_close(grouped[:, 0], each[:, :2].amax(dim=1))
     torch.testing.assert_close(grouped[:, 1], each[:, 2])

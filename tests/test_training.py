@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from maskclip_engine import LabelSet, Segmenter
-from maskclip_engine.metrics import confusion_matrix, scores
-from maskclip_engine.registry import ModelRegistry
-from maskclip_engine.student import StudentCheckpoint, StudentConfig, StudentNet
-from maskclip_engine.student_segmenter import StudentSegmenter
-from maskclip_engine.training import MapTeacher, TrainConfig, TrainingImage, evaluate, train_student
+from maskclip_engine.miou import confusion_matrix, scores
+from maskclip_engine.segmenter import label_logits
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.gate import evaluate
+from maskclip_engine.students.network import StudentConfig, StudentNet
+from maskclip_engine.students.registry import ModelRegistry
+from maskclip_engine.students.serving import StudentSegmenter
+from maskclip_engine.students.training import MapTeacher, TrainConfig, TrainingImage, train_student
 from tests.scenes import CLASSES, make_scene, noisy
 
 LABELS = LabelSet.parse(CLASSES)
@@ -50,7 +53,7 @@ def test_student_starts_as_maskclip(segmenter: Segmenter) -> None:
     net = StudentNet(StudentConfig(), text, owner=owner).eval()
     pixels = segmenter.normalize(make_scene(7)[0], (128, 160))[None]
     features = segmenter.dense_features_torch(pixels)
-    maskclip = Segmenter._label_logits(features, text, owner, len(labels))
+    maskclip = label_logits(features, text, owner, len(labels))
     with torch.no_grad():
         student = net(clip_features=features)
     assert student.shape[1] == len(labels) == 3

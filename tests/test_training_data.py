@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import mask2rle
 
-from ls_integration.dataset import AnnotationError, label_map
+from ls_integration.errors import AnnotationError
 from ls_integration.label_config import parse_label_config
+from ls_integration.training_data import label_map
 from tests.label_studio_server import TOKEN, brush_config, scene_project
 from tests.scenes import CLASSES
 
@@ -89,7 +90,7 @@ def test_a_project_with_a_corrupt_annotation_trains_and_reports_it(
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
     }.items():
         monkeypatch.setenv(key, value)
-    from workers.jobs import train_project
+    from workers.training_job import train_project
 
     result = train_project(project, trigger="test", options={"iterations": 10})
     assert result["skipped_annotations"] == 1 and result["skipped_images"] == 1

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from backend.app import create_app
-from ls_integration.errors import WarmupBusyError
 from ls_integration.label_config import parse_label_config
 from ls_integration.predictor import Predictor
-from ls_integration.settings import Settings
 from maskclip_engine import SegmentOptions
+from maskclip_service.errors import WarmupBusyError
+from maskclip_service.settings import Settings
 from tests.tiny_models import TinyModel
 
 
@@ -48,7 +48,7 @@ def test_setup_warms_the_labels_in_the_background(predictor: Predictor) -> None:
     client = create_app(predictor.settings, predictor).test_client()
     reply = client.post("/setup", json={"project": "3", "schema": brush_config("road", "tree")})
     assert reply.status_code == 200
-    assert predictor.warmup.submit(parse_label_config(brush_config("road", "tree"))).result(timeout=60) == 2
+    assert predictor.warmup.submit(parse_label_config(brush_config("road", "tree")).texts).result(timeout=60) == 2
     assert _cached(predictor, "road", "tree")
 
 
@@ -60,7 +60,7 @@ def test_project_updated_webhook_warms_the_new_labels(predictor: Predictor) -> N
     reply = client.post("/webhook", json=payload)
     assert reply.status_code == 200 and reply.json["status"] == "warming"
     assert time.perf_counter() - started < 0.5  # Label Studio's webhook timeout is 1 s
-    predictor.warmup.submit(parse_label_config(brush_config("boat"))).result(timeout=60)
+    predictor.warmup.submit(parse_label_config(brush_config("boat")).texts).result(timeout=60)
     assert _cached(predictor, "boat")
     bad = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 4, "label_config": "<View/>"}})
     assert bad.status_code == 200 and bad.json["status"] == "ignored"
@@ -70,12 +70,12 @@ def test_warmups_are_bounded_and_a_flood_gets_429(predictor: Predictor) -> None:
     client = create_app(predictor.settings, predictor).test_client()
     warmup = predictor.warmup
     with predictor._device_lock:  # a long prediction holds the model: warm-ups wait for it
-        first = warmup.submit(parse_label_config(brush_config("cat")))
-        assert warmup.submit(parse_label_config(brush_config("cat"))) is first  # seen before: not warmed again
-        second = warmup.submit(parse_label_config(brush_config("dog")))  # waits in the queue
+        first = warmup.submit(parse_label_config(brush_config("cat")).texts)
+        assert warmup.submit(parse_label_config(brush_config("cat")).texts) is first  # seen before: not warmed again
+        second = warmup.submit(parse_label_config(brush_config("dog")).texts)  # waits in the queue
         assert warmup.pending == 2
         with pytest.raises(WarmupBusyError, match="MASKCLIP_MAX_WARMUPS"):
-            warmup.submit(parse_label_config(brush_config("fish")))
+            warmup.submit(parse_label_config(brush_config("fish")).texts)
         reply = client.post("/setup", json={"project": "5", "schema": brush_config("bird")})
         assert reply.status_code == 429 and "MASKCLIP_WARMUP_QUEUE" in reply.json["error"]
         flood = client.post(

@@ -15,10 +15,10 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
-from ls_integration.queue import enqueue_training, lock_key
-from ls_integration.settings import Settings
-from maskclip_engine.registry import ModelRegistry
-from maskclip_engine.student import StudentCheckpoint
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.registry import ModelRegistry
+from maskclip_service.settings import Settings
+from maskclip_service.training_queue import enqueue_training, lock_key
 from tests.label_studio_server import TOKEN, scene_project
 from tests.scenes import CLASSES
 from workers import context
@@ -55,7 +55,6 @@ def env(monkeypatch, redis_server, tiny_vit, model_dir, documents, tmp_path_fact
         "MASKCLIP_TRAIN_ITERATIONS": "300",
         "MASKCLIP_TRAIN_CROP": "256",
         "MASKCLIP_TRAIN_LR": "0.05",
-        "MASKCLIP_GATE_MIN_PIXELS": "10000",  # half of one held-out 128x160 scene
         "MODEL_DIR": str(model_dir),
         "REDIS_URL": f"unix://{redis_server.socket_file}",
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
@@ -92,7 +91,7 @@ def test_start_training_enqueues_and_answers_at_once(app_client, redis) -> None:
     reply = post_webhook(app_client, "START_TRAINING", 7)
     assert reply["status"] == "queued"
     job = Job.fetch(reply["job"], connection=redis)
-    assert job.func_name == "workers.jobs.train_project" and job.args == (7,)
+    assert job.func_name == "workers.training_job.train_project" and job.args == (7,)
     assert job.kwargs["trigger"] == "start_training"
     assert job.meta["project"] == 7 and job.get_status() == JobStatus.QUEUED
     assert Queue(QUEUE, connection=redis).count == 1
@@ -117,7 +116,7 @@ def test_annotation_count_trigger(env, monkeypatch, redis) -> None:
 def test_failed_job_leaves_the_active_model_unchanged(
     app_client, redis, with_label_studio, model_dir, vit_segmenter
 ) -> None:
-    from maskclip_engine.student import StudentConfig, StudentNet
+    from maskclip_engine.students.network import StudentConfig, StudentNet
 
     registry = ModelRegistry(model_dir)
     net = StudentNet(StudentConfig(), vit_segmenter.text_embeddings(CLASSES))
