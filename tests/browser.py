@@ -144,7 +144,11 @@ class Browser:
         options.add_argument(f"--window-size={width},{height}")
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self._service = Service(found[1], log_output=str(shots / "chromedriver.log"))
-        self.driver = webdriver.Chrome(service=self._service, options=options)
+        try:
+            self.driver = webdriver.Chrome(service=self._service, options=options)
+        except Exception:
+            shutil.rmtree(self._profile, ignore_errors=True)
+            raise
         self.driver.set_page_load_timeout(timeout * 2)
         self.driver.set_script_timeout(timeout)
         # The viewport itself is width x height (--window-size counts the window's frame in some builds).
@@ -181,7 +185,7 @@ class Browser:
             yield
         except Exception as exc:
             try:
-                path = self.screenshot(f"failed-{name}")
+                path = self.screenshot(f"failed-{_slug(name)}")
             except Exception as shot_error:  # the browser itself is gone
                 path = f"(no screenshot: {shot_error})"
             raise BrowserError(f"step {name!r} failed ({exc}); screenshot: {path}") from exc
@@ -375,21 +379,30 @@ class Browser:
 
     def pick_label(self, control: str, label: str) -> None:
         """Click ``label`` in ``control``'s row of the labels panel, with no region selected."""
+        self.unselect()  # a label clicked while a region is selected relabels that region
+        self.wait_for(
+            lambda: self.click_label(control, label) or label in self.state()["labels"].get(control, []),
+            f"label {label!r} of {control!r} to be picked",
+            every=0.5,
+        )
+
+    def click_label(self, control: str, label: str) -> None:
+        """Click ``label`` in ``control``'s row as it is (it relabels a selected region), unless it is lit already."""
         from selenium.webdriver.common.by import By
 
-        self.unselect()  # a label clicked while a region is selected relabels that region
         names = [name for name, _ in self.label_rows()]
         row = self.driver.find_elements(By.CSS_SELECTOR, ".lsf-labels")[names.index(control)]
         target = next(e for e in row.find_elements(By.CSS_SELECTOR, ".lsf-label") if e.text.split("\n")[0] == label)
-
-        def pick() -> bool:
-            if label in self.state()["labels"].get(control, []):
-                return True
+        if label not in self.state()["labels"].get(control, []):
             self.reveal(target)
             target.click()
-            return label in self.state()["labels"].get(control, [])
 
-        self.wait_for(pick, f"label {label!r} of {control!r} to be picked", every=0.5)
+    def press(self, key: str) -> None:
+        """A key pressed on the page (``Keys.BACKSPACE``...), as a hotkey."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        self.js("document.activeElement && document.activeElement.blur && document.activeElement.blur()")
+        ActionChains(self.driver).send_keys(key).perform()
 
     def unselect(self) -> None:
         """Esc: no region selected, so that a Ctrl/Cmd-click reaches the tool."""
@@ -465,7 +478,7 @@ class Browser:
             actions = actions.key_up(Keys.CONTROL)
         actions.perform()
 
-    def type_phrase(self, text: str, name: str | None = None) -> None:
+    def type_phrase(self, text: str) -> None:
         """Type into the labeling page's text area and submit it (Enter)."""
         from selenium.webdriver.common.by import By
         from selenium.webdriver.common.keys import Keys
@@ -495,11 +508,24 @@ class Browser:
         pad: int = 8,
         max_width: int | None = None,
         colors: int = 256,
+        marks: list[tuple[float, float]] = (),  # type: ignore[assignment]
+        frames: list[tuple[float, float, float, float]] = (),  # type: ignore[assignment]
     ) -> Path:
-        """The viewport (or ``box`` of it, padded) as a small PNG: cropped, scaled down, a palette of ``colors``."""
-        from PIL import Image
+        """The viewport (or ``box`` of it, padded) as a small PNG: cropped, scaled down, a palette of ``colors``.
+
+        ``marks`` (screen points) get a ring and ``frames`` (screen ``left, top, right, bottom``) an outline, to
+        show where a click or a box went.
+        """
+        from PIL import Image, ImageDraw
 
         image = Image.open(io.BytesIO(self.driver.get_screenshot_as_png())).convert("RGB")
+        draw = ImageDraw.Draw(image)
+        for x, y in marks:
+            for radius, colour in ((11, "white"), (9, (230, 0, 120)), (6, "white")):
+                draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=2)
+        for frame in frames:
+            draw.rectangle(frame, outline="white", width=4)
+            draw.rectangle(frame, outline=(230, 0, 120), width=2)
         if box is not None:
             left, top, right, bottom = box
             image = image.crop(

@@ -149,7 +149,7 @@ def preannotated_project(
 
 @pytest.fixture(scope="module")
 def brush_project(label_studio, backend, documents):
-    return preannotated_project(label_studio, backend, documents, "BrushLabels", tasks=5)
+    return preannotated_project(label_studio, backend, documents, "BrushLabels", tasks=6)
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +251,20 @@ def doc_picture(page: Browser, name: str, **kwargs) -> None:
         page.picture(Path(DOCS) / f"{name}.png", **kwargs)
 
 
+def work_area(page: Browser) -> tuple[int, int, int, int]:
+    """The canvas, its toolbar, the label rows and the region panels: what a result picture shows."""
+    canvas = page.screen_point(0, 0)
+    bottom = page.js(
+        "return Math.max(...[...document.querySelectorAll('.lsf-labels')].map((e) => e.getBoundingClientRect().bottom))"
+    )
+    return round(canvas["left"]) - 4, round(canvas["top"]) - 4, 1280, round(bottom) + 4
+
+
+def on_screen(page: Browser, *points: tuple[float, float]) -> list[tuple[float, float]]:
+    """Image points (percent) as screen points, for marks in a picture."""
+    return [(p["x"], p["y"]) for p in (page.screen_point(x, y) for x, y in points)]
+
+
 def open_fresh(page: Browser, project: int, task: int) -> None:
     page.open_task(project, task)
     page.set_auto_annotation(True)
@@ -267,13 +281,24 @@ def test_a_plain_click_selects_the_proposal_and_asks_nothing(browser: Browser, b
     with browser.step("open the pre-annotated task"):
         open_fresh(browser, pid, task["id"])
         doc_picture(browser, "pre-annotated-task", max_width=1024)
-        doc_picture(browser, "auto-annotation-toggles", box=browser.element_box(css=".lsf-model-actions"))
+        doc_picture(browser, "auto-annotation-toggles", box=browser.element_box(css=".lsf-model-actions"), pad=10)
     with browser.step("choose the smart keypoint"):
         browser.choose_smart_tool(SMART_KEYPOINT)
         if DOCS:
             browser.open_auto_detect_flyout()
-            left, top, right, bottom = browser.element_box(css=".lsf-toolbar")
-            doc_picture(browser, "auto-detect-flyout", box=(left - 260, top, right, bottom))
+            boxes = [browser.element_box(css=".lsf-toolbar"), browser.element_box(css=".lsf-tool__extra")]
+            boxes.append(
+                browser.element_box(
+                    xpath="//*[contains(@class,'lsf-tool__tooltip-body')][.//*[contains(@class,'lsf-tool__extra')]]"
+                )
+            )
+            box = (
+                min(b[0] for b in boxes) - 120,
+                min(b[1] for b in boxes),
+                max(b[2] for b in boxes),
+                max(b[3] for b in boxes),
+            )
+            doc_picture(browser, "auto-detect-flyout", box=box, pad=12)
         browser.pick_label("click", other)
     before = predict_requests(backend)
     with browser.step("plain click over the proposal"):
@@ -286,7 +311,36 @@ def test_a_plain_click_selects_the_proposal_and_asks_nothing(browser: Browser, b
         assert not [r for r in state["regions"] if r["type"] == "keypointregion"], "the tool made no keypoint"
         assert browser.interactive_requests() == [], "the page asked for nothing"
         assert predict_requests(backend) == before, "the backend got no /predict"
-        doc_picture(browser, "plain-click-selects-proposal", max_width=1024)
+        if DOCS:
+            marks = on_screen(browser, (x, y))
+            doc_picture(browser, "plain-click-selects-proposal", box=work_area(browser), max_width=900, marks=marks)
+
+
+def test_a2_a_selected_proposal_takes_a_label_from_row_one_and_goes_with_backspace(
+    browser: Browser, backend: Backend, brush_project
+):
+    """What a plain click is good for: fixing a proposal by hand (the how-to tells annotators so)."""
+    from selenium.webdriver.common.keys import Keys
+
+    pid, tasks = brush_project
+    task = tasks[5]
+    label, x, y, other, _ = inside_a_proposal(task)
+    with browser.step("open and select a proposal"):
+        open_fresh(browser, pid, task["id"])
+        browser.choose_smart_tool(SMART_KEYPOINT)
+        browser.unselect()
+        browser.click(x, y)
+        [selected] = browser.wait_for(lambda: browser.state()["selected"], "the click to select a proposal")
+    before = predict_requests(backend)
+    with browser.step("relabel it from row 1"):
+        browser.click_label("tag", other)
+        browser.wait_for(
+            lambda: [r["label"] for r in browser.regions() if r["id"] == selected] == [other], "the new label"
+        )
+    with browser.step("delete it with Backspace"):
+        browser.press(Keys.BACKSPACE)
+        browser.wait_for(lambda: selected not in {r["id"] for r in browser.regions()}, "the proposal to go")
+    assert predict_requests(backend) == before and browser.interactive_requests() == []
 
 
 def test_b_ctrl_click_with_the_smart_keypoint_reaches_the_backend(browser: Browser, backend: Backend, brush_project):
@@ -318,7 +372,9 @@ def test_b_ctrl_click_with_the_smart_keypoint_reaches_the_backend(browser: Brows
     assert region["origin"] == "manual" and not region["dynamic"], region  # accepted: a region like any other
     assert not [r for r in browser.regions() if r["type"] == "keypointregion"], "the prompt keypoint is gone"
     assert len([r for r in browser.regions() if r["origin"] == "prediction"]) == len(before_regions), "proposals stay"
-    doc_picture(browser, "ctrl-click-result", max_width=1024)
+    if DOCS:
+        marks = on_screen(browser, (prompt["value"]["x"], prompt["value"]["y"]))
+        doc_picture(browser, "ctrl-click-result", box=work_area(browser), max_width=900, marks=marks)
 
 
 def test_c_a_smart_box_dragged_over_a_brush_proposal_reaches_the_backend(
@@ -369,7 +425,11 @@ def test_c_a_smart_box_dragged_over_a_brush_proposal_reaches_the_backend(
     x0, x1 = value["x"] * WIDTH / 100, (value["x"] + value["width"]) * WIDTH / 100
     y0, y1 = value["y"] * HEIGHT / 100, (value["y"] + value["height"]) * HEIGHT / 100
     assert x0 - 1 <= cols.min() and cols.max() <= x1 + 1 and y0 - 1 <= rows.min() and rows.max() <= y1 + 1
-    doc_picture(browser, "box-result", max_width=1024)
+    if DOCS:
+        (left, top), (right, bottom) = on_screen(
+            browser, (value["x"], value["y"]), (value["x"] + value["width"], value["y"] + value["height"])
+        )
+        doc_picture(browser, "box-result", box=work_area(browser), max_width=900, frames=[(left, top, right, bottom)])
 
 
 def test_d_the_phrase_reaches_the_backend(browser: Browser, backend: Backend, brush_project):
@@ -389,6 +449,13 @@ def test_d_the_phrase_reaches_the_backend(browser: Browser, backend: Backend, br
     [result] = backend_result(request)
     assert result["value"]["brushlabels"] == ["blue box"]  # the label the phrase names
     assert region["origin"] == "manual"
+    # The README's config takes one phrase per annotation (maxSubmissions="1"): the input gives way to the phrase.
+    assert not browser.driver.find_elements("css selector", "[data-testid=textarea-input]")
+    if DOCS:
+        canvas = browser.screen_point(0, 0)
+        text = browser.element_box(css="[data-testid=textarea-control]")
+        box = (round(canvas["left"]) - 4, max(round(canvas["top"]), 96), 1280, text[3] + 4)
+        doc_picture(browser, "phrase-result", box=box, pad=0, max_width=900)
 
 
 def test_e_alt_clicks_are_negative_and_add_up_while_auto_accept_is_off(
@@ -413,7 +480,8 @@ def test_e_alt_clicks_are_negative_and_add_up_while_auto_accept_is_off(
         browser.click(*far, ctrl=True, alt=True)
         first, second = answered(browser, 2)[:2]
         browser.wait_for(lambda: browser.state()["suggestions"], "the new suggestion")
-    doc_picture(browser, "suggestion-with-negative-click", max_width=1024)
+    if DOCS:
+        doc_picture(browser, "suggestion-with-negative-click", max_width=900, marks=on_screen(browser, (x, y), far))
     assert [p["is_positive"] for p in first["context"]["result"]] == [True]
     assert [p["is_positive"] for p in second["context"]["result"]] == [True, False], second["context"]
     backend_result(second)
@@ -467,7 +535,8 @@ def test_f_polygon_proposals_take_ctrl_clicks_and_ctrl_boxes(browser: Browser, b
     assert second["context"]["result"][0]["type"] == "rectanglelabels"
     assert all(r["value"]["polygonlabels"] == [box_label] for r in backend_result(second))
     assert predict_requests(backend, "200") == before + 2
-    doc_picture(browser, "polygon-result", max_width=1024)
+    if DOCS:
+        doc_picture(browser, "polygon-result", box=work_area(browser), max_width=900, marks=on_screen(browser, (x, y)))
 
 
 def label_rows_picture(page: Browser, path: Path) -> None:
@@ -492,16 +561,20 @@ def label_rows_picture(page: Browser, path: Path) -> None:
     bottom = max(b[3] for b in boxes)
     page.picture(path, box=(left, top, round(right), bottom), pad=6)
     image = Image.open(path).convert("RGB")
-    caption = 330
+    caption = 350
     out = Image.new("RGB", (image.width + caption, image.height), "white")
     out.paste(image, (0, 0))
     draw = ImageDraw.Draw(out)
     font = ImageFont.load_default(size=15)
     for (control, _), box in zip(rows, boxes):
         middle = (box[1] + box[3]) / 2 - top + 6
+        draw.line((image.width + 4, middle, image.width + 26, middle), fill=(40, 40, 40), width=2)
+        draw.polygon(
+            [(image.width + 2, middle), (image.width + 9, middle - 5), (image.width + 9, middle + 5)], fill=(40, 40, 40)
+        )
         draw.text(
-            (image.width + 10, middle),
-            f"\u2190 {tools.get(control, control)}",
+            (image.width + 34, middle),
+            tools.get(control, control),
             fill=(40, 40, 40),
             font=font,
             anchor="lm",
