@@ -269,8 +269,11 @@ def open_fresh(page: Browser, project: int, task: int) -> None:
     page.open_task(project, task)
     page.set_auto_annotation(True)
     page.set_auto_accept(True)
-    state = page.state()
-    assert state["regions"] and all(r["origin"] == "prediction" for r in state["regions"]), state
+    # The proposals are copied into the draft a moment after the task's image is on the canvas.
+    state = page.wait_for(
+        lambda: (lambda st: st if st["regions"] else None)(page.state()), "the proposals in the draft"
+    )
+    assert all(r["origin"] == "prediction" for r in state["regions"]), state
 
 
 def test_a_plain_click_selects_the_proposal_and_asks_nothing(browser: Browser, backend: Backend, brush_project):
