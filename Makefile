@@ -15,7 +15,7 @@ LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
 LABEL_STUDIO_SPEC ?= label-studio==1.23.2
 
-.PHONY: setup run segment test lint bench label-studio clean
+.PHONY: setup run segment test lint bench label-studio browser clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ $(LS_STAMP):
 	$(LS_VENV)/bin/pip install --quiet --disable-pip-version-check $(LABEL_STUDIO_SPEC)
 	touch $(LS_STAMP)
 
+# Headless Chromium and its driver for the browser tests, from Debian's packages (CI runs as root).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
+
 run: $(STAMP)
 	$(VENV)/bin/maskclip-backend serve
 
@@ -39,7 +44,7 @@ segment: $(STAMP)
 	@test -n "$(IMAGE)" -a -n "$(LABELS)" || { echo 'usage: make segment IMAGE=photo.jpg|folder LABELS="cat,dog|puppy,grass" [OUT=out]'; exit 2; }
 	$(VENV)/bin/maskclip segment "$(IMAGE)" --labels "$(LABELS)" --out "$(OUT)"
 
-test: $(STAMP) $(LS_STAMP)
+test: $(STAMP) $(LS_STAMP) browser
 	LABEL_STUDIO_BIN=$(LS_VENV)/bin/label-studio $(PY) -m pytest -q
 
 lint: $(STAMP)
