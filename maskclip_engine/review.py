@@ -49,7 +49,7 @@ class ReviewConfig:
     lr: float = 0.01
     min_fraction: float = 0.002  # a label covering less of an image is not scored for it
     full_coverage: float = 0.95  # annotations labelling this share of their pixels on average: unlabelled = missing
-    flag_below: float = 0.7  # annotations scoring below this are flagged as probably wrong
+    flag_below: float = 0.5  # annotations scoring below this are flagged as probably wrong
     seed: int = 0
 
     def __post_init__(self) -> None:

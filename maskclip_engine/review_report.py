@@ -52,7 +52,7 @@ def write_report(
             "score": review.score,
             "labels": review.labels,
             "expects": review.expects,
-            "flagged": review.score < summary.get("flag_below", 0.7),
+            "flagged": review.score < summary.get("flag_below", 0.5),
             "suspect_pixels": int(review.suspect.sum()),
         }
         if task_link is not None:
