@@ -6,7 +6,6 @@ group, so this module stays free of server and queue code.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -14,13 +13,16 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from tqdm import tqdm
 
-from .config import DENSE_MODES, KS_VARIANTS, MODES, PRECISIONS, SLIDE_REFINES, SegmentOptions
+from .cli_options import feature_store_options, model_options, refinement_options, window_options
+from .config import SegmentOptions
 from .errors import MaskClipError
 from .evaluation import (
     BACKGROUNDS,
     EvalConfig,
+    EvalSpec,
     config_predictor,
     evaluate_configs,
     load_sample,
@@ -29,8 +31,10 @@ from .evaluation import (
     report_json,
     report_table,
 )
+from .feature_source import FeatureSource
 from .images import decode_image, list_images
 from .labels import LabelSet
+from .protocols import Protocol, load_protocol, protocol_names
 from .segmenter import Segmenter
 from .visualize import overlay, save_label_map
 
@@ -58,115 +62,11 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
-def model_options(func):
-    """Options that choose the CLIP model, shared by every command that builds one."""
-    options = [
-        click.option(
-            "--model",
-            envvar="MASKCLIP_MODEL",
-            default="ViT-B-16",
-            show_default=True,
-            help="open_clip architecture name, or the path of an open_clip model config JSON.",
-        ),
-        click.option(
-            "--pretrained",
-            envvar="MASKCLIP_PRETRAINED",
-            default="openai",
-            show_default=True,
-            help="open_clip pretrained tag, or the path of a local checkpoint (.pt/.pth/.bin).",
-        ),
-        click.option("--device", envvar="MASKCLIP_DEVICE", default=None, help="cpu, cuda, cuda:N (default: auto)."),
-        click.option(
-            "--precision",
-            envvar="MASKCLIP_PRECISION",
-            type=click.Choice(PRECISIONS),
-            default="auto",
-            show_default=True,
-            help="Image backbone precision; auto: bf16 where the chip computes it natively, else fp32.",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def refinement_options(func):
-    """Refinement variants and PAMR; the command receives them as one ``refinement`` dict of SegmentOptions fields.
-
-    Apply it right above the function, below every other option.
-    """
-    defaults = SegmentOptions()
-    options = [
-        click.option(
-            "--ks-variant",
-            type=click.Choice(KS_VARIANTS),
-            default=defaults.key_smoothing_variant,
-            show_default=True,
-            help="Key smoothing: the paper's per-location cosine, or as MaskCLIP's released code computes it.",
-        ),
-        click.option(
-            "--ks-threshold",
-            type=float,
-            default=defaults.ks_threshold,
-            show_default=True,
-            help="Released key smoothing changes only locations whose top probability is below this.",
-        ),
-        click.option(
-            "--slide-refine",
-            type=click.Choice(SLIDE_REFINES),
-            default=defaults.slide_refine,
-            show_default=True,
-            help="Slide mode: refine once over the averaged windows, or inside each window and average "
-            "the outputs (mmseg's slide inference).",
-        ),
-        click.option(
-            "--pamr/--no-pamr",
-            default=defaults.pamr,
-            show_default=True,
-            help="Move mask edges to the image's colour edges (pixel-adaptive refinement).",
-        ),
-        click.option("--pamr-iterations", type=int, default=defaults.pamr_iterations, show_default=True),
-        click.option(
-            "--pamr-stride",
-            type=int,
-            default=defaults.pamr_stride,
-            show_default=True,
-            help="PAMR works on a grid of this many pixels of the resized image.",
-        ),
-    ]
-
-    @functools.wraps(func)
-    def command(*args, ks_variant, ks_threshold, slide_refine, pamr, pamr_iterations, pamr_stride, **kwargs):
-        refinement = {
-            "key_smoothing_variant": ks_variant,
-            "ks_threshold": ks_threshold,
-            "slide_refine": slide_refine,
-            "pamr": pamr,
-            "pamr_iterations": pamr_iterations,
-            "pamr_stride": pamr_stride,
-        }
-        return func(*args, refinement=refinement, **kwargs)
-
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 @main.command()
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--labels", required=True, help='Labels, comma-separated; synonyms with "|": "cat,dog|puppy,grass".')
 @model_options
-@click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True)
-@click.option(
-    "--dense-mode",
-    type=click.Choice(DENSE_MODES),
-    default="maskclip",
-    show_default=True,
-    help="How the last ViT block makes dense features: MaskCLIP, SCLIP, ClearCLIP or NACLIP.",
-)
-@click.option("--short-side", type=int, default=SegmentOptions.short_side, show_default=True)
-@click.option("--crop", type=int, default=SegmentOptions.crop, show_default=True, help="Window size (slide mode).")
-@click.option("--stride", type=int, default=SegmentOptions.stride, show_default=True, help="Window step (slide mode).")
+@window_options
 @click.option("--no-key-smoothing", is_flag=True, help="Turn key smoothing off.")
 @click.option("--no-prompt-denoising", is_flag=True, help="Turn prompt denoising off.")
 @click.option("--pd-threshold", type=float, default=SegmentOptions.pd_threshold, show_default=True)
@@ -184,6 +84,7 @@ def refinement_options(func):
     required=True,
     help="Folder for the label maps, overlays and JSON summaries.",
 )
+@feature_store_options
 @refinement_options
 def segment(
     source: Path,
@@ -192,16 +93,13 @@ def segment(
     pretrained: str,
     device: str | None,
     precision: str,
-    mode: str,
-    dense_mode: str,
-    short_side: int,
-    crop: int,
-    stride: int,
+    window: dict,
     no_key_smoothing: bool,
     no_prompt_denoising: bool,
     pd_threshold: float,
     bg_threshold: float,
     out_dir: Path,
+    features: FeatureSource,
     refinement: dict,
 ) -> None:
     """Segment an image, or every image in a folder, into LABELS.
@@ -212,11 +110,7 @@ def segment(
     try:
         labelset = LabelSet.from_string(labels)
         options = SegmentOptions(
-            mode=mode,
-            dense_mode=dense_mode,
-            short_side=short_side,
-            crop=crop,
-            stride=stride,  # type: ignore[arg-type]
+            **window,
             key_smoothing=not no_key_smoothing,
             prompt_denoising=not no_prompt_denoising,
             pd_threshold=pd_threshold,
@@ -229,7 +123,7 @@ def segment(
     if not files:
         raise click.UsageError(f"{source} holds no images ({', '.join(('.jpg', '.png', '...'))}).")
     try:
-        segmenter = Segmenter.from_pretrained(model, pretrained, device, precision, options=options)
+        segmenter = Segmenter.from_pretrained(model, pretrained, device, precision, options=options, features=features)
     except MaskClipError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -248,13 +142,20 @@ def segment(
 
 @main.command("eval")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--protocol",
+    default=None,
+    help=f"A published set-up to reproduce: {', '.join(protocol_names())}, or a protocol JSON file. "
+    "Options given here override it.",
+)
 @model_options
 @click.option("--split", default="val", show_default=True, help="ImageSets/Segmentation/<split>.txt, if present.")
 @click.option(
     "--classes",
     "classes_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Class names, one per line, index order ('a|b' for synonyms). Default: classes.txt, else VOC's 21.",
+    help="Class names, one per line, index order ('a|b' for synonyms). Default: the protocol's, classes.txt, "
+    "else VOC's 21.",
 )
 @click.option(
     "--background",
@@ -278,10 +179,7 @@ def segment(
     help='A configuration to score, e.g. "sclip", "dense_mode=naclip,key_smoothing=false", '
     '"name=mine,student=models/project-3/v2.pt". Repeat to compare side by side.',
 )
-@click.option("--mode", type=click.Choice(MODES), default="whole", show_default=True)
-@click.option("--short-side", type=int, default=SegmentOptions.short_side, show_default=True)
-@click.option("--crop", type=int, default=SegmentOptions.crop, show_default=True)
-@click.option("--stride", type=int, default=SegmentOptions.stride, show_default=True)
+@window_options
 @click.option("--logit-scale", type=float, default=SegmentOptions.logit_scale, show_default=True)
 @click.option("--limit", type=int, default=None, help="Only the first N samples.")
 @click.option(
@@ -292,69 +190,83 @@ def segment(
     show_default=True,
     help="The JSON report.",
 )
+@feature_store_options
 @refinement_options
-def evaluate(
-    data: Path,
-    model: str,
-    pretrained: str,
-    device: str | None,
-    precision: str,
-    split: str,
-    classes_file: Path | None,
-    background: str,
-    bg_threshold: float,
-    ignore_index: int,
-    reduce_zero_label: bool,
-    configs: tuple[str, ...],
-    mode: str,
-    short_side: int,
-    crop: int,
-    stride: int,
-    logit_scale: float,
-    limit: int | None,
-    out_file: Path,
-    refinement: dict,
-) -> None:
+@click.pass_context
+def evaluate(ctx: click.Context, data: Path, protocol: str | None, out_file: Path, **given) -> None:
     """mIoU, per-class IoU and pixel accuracy on a dataset in PASCAL VOC layout."""
     try:
-        classes = read_classes(classes_file, data)
-        entries = read_voc(data, split, limit)
-        options = SegmentOptions(
-            mode=mode,
-            short_side=short_side,
-            crop=crop,
-            stride=stride,  # type: ignore[arg-type]
-            logit_scale=logit_scale,
-            **refinement,
+        spec = _eval_spec(ctx, given, load_protocol(protocol) if protocol else None)
+        classes = spec.classes or read_classes(given["classes_file"], data)
+        entries = read_voc(data, spec.split, given["limit"])
+        segmenter = Segmenter.from_pretrained(
+            given["model"],
+            given["pretrained"],
+            given["device"],
+            given["precision"],
+            options=spec.options,
+            features=given["features"],
         )
-        parsed = [EvalConfig.parse(text) for text in configs] or [EvalConfig("default")]
-        segmenter = Segmenter.from_pretrained(model, pretrained, device, precision, options=options)
-        predictors = {c.name: config_predictor(segmenter, c, classes, background, bg_threshold) for c in parsed}
+        predictors = {
+            c.name: config_predictor(segmenter, c, classes, spec.background, spec.bg_threshold) for c in spec.configs
+        }
     except MaskClipError as exc:
         raise click.ClickException(str(exc)) from exc
-    samples = (load_sample(i, image, label, ignore_index, reduce_zero_label) for i, image, label in entries)
+    samples = (load_sample(i, image, label, spec.ignore_index, spec.reduce_zero_label) for i, image, label in entries)
     results = evaluate_configs(
         predictors,
         samples,
         len(classes),
         progress=lambda it: tqdm(it, total=len(entries), desc="evaluating", unit="image", disable=None),
     )
-    click.echo(report_table(results, classes))
-    out_file.write_text(
-        report_json(
-            results,
-            classes,
-            dataset=str(data),
-            split=split,
-            samples=len(entries),
-            model=model,
-            weights=pretrained,
-            background=background,
-            bg_threshold=bg_threshold,
-            protocol=options.to_dict(),
-        )
-    )
+    click.echo(report_table(results, classes, spec.published))
+    context = {
+        "dataset": str(data),
+        "split": spec.split,
+        "samples": len(entries),
+        "model": given["model"],
+        "weights": given["pretrained"],
+        "background": spec.background,
+        "bg_threshold": spec.bg_threshold,
+        "protocol": spec.options.to_dict(),
+    }
+    if spec.protocol is not None:
+        context["protocol_name"] = spec.protocol.name
+        context["published"] = {"miou": spec.published, "source": spec.protocol.source}
+    out_file.write_text(report_json(results, classes, **context))
     click.echo(f"report written to {out_file}", err=True)
+
+
+def _eval_spec(ctx: click.Context, given: dict, protocol: Protocol | None) -> EvalSpec:
+    """What to evaluate: each value as given on the command line, else the protocol's, else the default."""
+
+    def pick(name: str, from_protocol):
+        explicit = ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
+        return given[name] if explicit or protocol is None else from_protocol
+
+    options = dict(protocol.options) if protocol is not None else {}
+    names = {"ks_variant": "key_smoothing_variant"}
+    for group in ("window", "refinement"):
+        for parameter_field, value in given[group].items():
+            parameter = next((k for k, v in names.items() if v == parameter_field), parameter_field)
+            if protocol is None or ctx.get_parameter_source(parameter) not in (ParameterSource.DEFAULT, None):
+                options[parameter_field] = value
+    if protocol is None or ctx.get_parameter_source("logit_scale") not in (ParameterSource.DEFAULT, None):
+        options["logit_scale"] = given["logit_scale"]
+    texts = given["configs"] or (protocol.configs if protocol is not None else ()) or ("default",)
+    configs = [EvalConfig("default") if t == "default" else EvalConfig.parse(t) for t in texts]
+    return EvalSpec(
+        classes=list(protocol.classes) if protocol is not None and given["classes_file"] is None else None,
+        split=pick("split", protocol.split if protocol else None),
+        background=pick("background", protocol.background if protocol else None),
+        bg_threshold=pick("bg_threshold", protocol.bg_threshold if protocol else None),
+        ignore_index=pick("ignore_index", protocol.ignore_index if protocol else None),
+        reduce_zero_label=pick("reduce_zero_label", protocol.reduce_zero_label if protocol else None),
+        options=SegmentOptions(**options),
+        configs=configs,
+        published=dict(protocol.published) if protocol is not None else {},
+        protocol=protocol,
+    )
 
 
 def _segment_one(segmenter: Segmenter, path: Path, labelset: LabelSet, out_dir: Path) -> None:
@@ -375,4 +287,4 @@ def _segment_one(segmenter: Segmenter, path: Path, labelset: LabelSet, out_dir: 
     (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))
 
 
-__all__ = ["main", "model_options"]
+__all__ = ["main"]

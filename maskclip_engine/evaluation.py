@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .config import KS_VARIANTS
+from .config import KS_VARIANTS, SegmentOptions
 from .errors import InvalidOptionError
 from .images import decode_image
 from .labels import LabelSet
@@ -184,6 +184,22 @@ def load_sample(sample_id: str, image: Path, label: Path, ignore_index: int, red
     return Sample(sample_id, rgb, truth)
 
 
+@dataclass
+class EvalSpec:
+    """Everything one evaluation run needs besides the data: a protocol's settings with any overrides."""
+
+    classes: list[str] | None  # None: read them from the data set's folder
+    split: str
+    background: str
+    bg_threshold: float
+    ignore_index: int
+    reduce_zero_label: bool
+    options: SegmentOptions
+    configs: list[EvalConfig]
+    published: dict[str, float] = field(default_factory=dict)
+    protocol: Any = None
+
+
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 
@@ -243,14 +259,17 @@ def evaluate_configs(
     return {name: scores(matrix) for name, matrix in totals.items()}
 
 
-def report_table(results: dict[str, Scores], classes: Sequence[str]) -> str:
-    """A terminal table: one row per configuration, per-class IoU when there are few classes."""
+def report_table(results: dict[str, Scores], classes: Sequence[str], published: dict[str, float] | None = None) -> str:
+    """A terminal table: one row per configuration, its published mIoU beside it, per-class IoU when there are
+    few classes."""
     short = [name.split("|")[0] for name in classes]
     per_class = len(classes) <= 25
-    headers = ["config", "mIoU", "pixel acc"] + (short if per_class else [])
+    published = published or {}
+    headers = ["config", "mIoU", "published", "pixel acc"] + (short if per_class else [])
     rows = []
     for name, result in results.items():
-        row = [name, f"{100 * result.miou:.1f}", f"{100 * result.pixel_accuracy:.1f}"]
+        paper = f"{published[name]:.1f}" if name in published else "-"
+        row = [name, f"{100 * result.miou:.1f}", paper, f"{100 * result.pixel_accuracy:.1f}"]
         if per_class:
             row += ["-" if np.isnan(v) else f"{100 * v:.1f}" for v in result.iou]
         rows.append(row)

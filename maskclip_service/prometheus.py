@@ -22,6 +22,11 @@ FAMILIES: dict[str, tuple[type[MetricWrapperBase], str, tuple[str, ...]]] = {
     "maskclip_inference_wait_seconds": (Summary, "Time a /predict batch waited for its device.", ()),
     "maskclip_interactive_seconds": (Summary, "Time spent answering an interactive (smart tool) /predict.", ()),
     "maskclip_model_info": (Gauge, "The model serving predictions.", ("version", "device")),
+    "maskclip_feature_lookups": (
+        Gauge,
+        "Images whose backbone output this process took from memory, from the feature store, or computed.",
+        ("source",),
+    ),
     "maskclip_preannotate_total": (
         Gauge,
         "Tasks a pre-annotation run has to consider, by project and target version.",

@@ -163,3 +163,53 @@ def test_reduce_zero_label(tmp_path: Path) -> None:
     reduced = load_sample("a", tmp_path / "a.png", tmp_path / "a_label.png", 255, reduce_zero_label=True)
     assert plain.truth.tolist() == [[0, 1], [2, -1]]
     assert reduced.truth.tolist() == [[-1, 0], [1, -1]]
+
+
+def test_every_shipped_protocol_loads_with_its_published_classes() -> None:
+    from maskclip_engine.config import SegmentOptions
+    from maskclip_engine.protocols import load_protocol, protocol_names
+
+    counts = {"maskclip-voc20": 20, "maskclip-context59": 59, "maskclip-cocostuff171": 171, "naclip-voc21": 21}
+    assert set(counts) <= set(protocol_names())
+    for name in protocol_names():
+        protocol = load_protocol(name)
+        assert protocol.name == name and protocol.configs and protocol.description
+        if name in counts:
+            assert len(protocol.classes) == len(set(protocol.classes)) == counts[name]
+        SegmentOptions(**protocol.options)  # valid options
+        assert all(EvalConfig.parse(c).name for c in protocol.configs)
+        assert set(protocol.published) <= {EvalConfig.parse(c).name for c in protocol.configs}
+
+
+def test_eval_reads_a_protocol_and_options_given_override_it(tiny_vit: TinyModel, tmp_path: Path) -> None:
+    samples = []
+    for i in range(2):
+        image, labels = make_scene(40 + i, 64, 80)
+        samples.append((f"s{i}", image, labels + 1))  # VOC-20 style: 0 is ignored, classes start at 1
+    root = write_voc(tmp_path / "voc", samples, None)
+    protocol = tmp_path / "three-classes.json"
+    protocol.write_text(
+        json.dumps(
+            {
+                "name": "three-classes",
+                "description": "generated scenes, label 0 ignored",
+                "classes": CLASSES,
+                "reduce_zero_label": True,
+                "options": {"short_side": 96, "key_smoothing_variant": "released"},
+                "configs": ["name=plain,key_smoothing=off,prompt_denoising=off", "name=full"],
+                "published": {"full": 42.0},
+                "source": "a test",
+            }
+        )
+    )
+    out = tmp_path / "report.json"
+    result = run_eval(tiny_vit, root, out, "--protocol", str(protocol), "--short-side", "64")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"plain", "full"} and report["classes"] == CLASSES
+    assert report["protocol"]["short_side"] == 64  # given here: overrides the protocol's 96
+    assert report["protocol"]["key_smoothing_variant"] == "released"  # not given: the protocol's
+    assert report["protocol_name"] == "three-classes" and report["published"]["miou"] == {"full": 42.0}
+    assert "42.0" in result.output  # the published number beside the measured one
+    unknown = run_eval(tiny_vit, root, out, "--protocol", "no-such-protocol")
+    assert unknown.exit_code != 0 and "maskclip-voc20" in unknown.output

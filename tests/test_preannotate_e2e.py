@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,15 @@ from tests.scenes import CLASSES, make_scene
 
 QUEUE = "maskclip-training"
 SIDE = 64
+SMART_CONFIG = f"""<View>
+  <Image name="image" value="$image"/>
+  <KeyPointLabels name="kp" toName="image" smart="true">
+    {"".join(f'<Label value="{label}" smart="true"/>' for label in CLASSES)}
+  </KeyPointLabels>
+  <BrushLabels name="tag" toName="image">
+    {"".join(f'<Label value="{label}"/>' for label in CLASSES)}
+  </BrushLabels>
+</View>"""
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +176,21 @@ def test_a_killed_worker_loses_only_its_chunk(
             return subprocess.Popen(command, env={**os.environ, **worker_env}, stdout=out, stderr=subprocess.STDOUT)
 
     first = worker(tmp_path / "first.log")
+
+    def mid_run_holding_a_chunk() -> bool:
+        # Both in one look: between two chunks the worker holds no lease, however far it got.
+        with redis_server.pipeline() as pipe:
+            done, leases = pipe.hget(runs.state_key(run), "done").hlen(runs.state_key(run) + ":leases").execute()
+        return int(done or 0) >= 16 and leases >= 1
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and runs.state(redis_server, run).get("done", 0) < 16:
+    while not mid_run_holding_a_chunk():
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the first worker never got half-way with a chunk in hand"
         time.sleep(0.02)
-    assert redis_server.hlen(runs.state_key(run) + ":leases") >= 1  # mid-run, holding a chunk
-    first.send_signal(signal.SIGKILL)
+    first.send_signal(signal.SIGKILL)  # at once: a chunk takes this worker far longer than the signal
     first.wait()
+    assert redis_server.hlen(runs.state_key(run) + ":leases") >= 1  # it died holding a chunk
     assert runs.state(redis_server, run)["phase"] != "done"
 
     second = worker(tmp_path / "second.log")
@@ -254,3 +272,89 @@ def test_retrieve_predictions_asks_again_for_a_task_whose_image_failed(
     Image.fromarray(image).save(documents / "pre-retrieve" / "late.png")
     second = retrieve()
     assert [second[i] for i in ids] == [[version], [version], [version]]  # neighbours kept theirs, once
+
+
+def feature_lookups(backend: Backend) -> dict[str, float]:
+    """Where the backend took image features from, as its /metrics counts them."""
+    text = requests.get(f"{backend.url}/metrics", timeout=10).text
+    found = re.findall(r'^maskclip_feature_lookups\{source="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {source: float(value) for source, value in found}
+
+
+def worker_lookups() -> dict[str, int]:
+    from maskclip_service.settings import Settings
+    from workers.context import shared_segmenter
+
+    features = shared_segmenter(Settings.from_env()).features
+    return {"store": features.from_store, "computed": features.computed}
+
+
+def test_a_label_added_to_the_config_re_proposes_every_unannotated_task_from_the_store(
+    label_studio: LabelStudio, backend: Backend, env, redis_server, documents: Path
+) -> None:
+    redis_server.flushall()
+    project = new_project(label_studio, "labels change")
+    label_studio.api("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "MaskCLIP"})
+    before = project_version(backend.url, project)
+    tasks = import_images(label_studio, project, make_images(documents, "relabel", 12))
+    drain(redis_server)  # TASKS_CREATED: MaskCLIP's proposals for the first label set
+    assert all(v == [before] for v in versions_by_task(label_studio, project).values())
+    annotated = tasks[0]["id"]
+    label_studio.api(
+        "POST",
+        f"/api/tasks/{annotated}/annotations",
+        json={"result": brush_results(make_scene(5000, SIDE, SIDE)[1], CLASSES), "was_cancelled": False},
+    )
+    stored = worker_lookups()
+
+    # The annotators' label set grows: Label Studio tells the backend (PROJECT_UPDATED), which re-proposes.
+    label_studio.api("PATCH", f"/api/projects/{project}", json={"label_config": brush_config([*CLASSES, "shadow"])})
+    drain(redis_server)
+    after = project_version(backend.url, project)
+    assert after != before and after.startswith(before.rsplit("-l", 1)[0])  # the same model, another label set
+    found = versions_by_task(label_studio, project)
+    assert found.pop(annotated) == [before]  # a submitted annotation's task is left alone
+    assert all(sorted(v) == sorted([before, after]) for v in found.values()), Counter(map(tuple, found.values()))
+    assert label_studio.api("GET", f"/api/projects/{project}").json()["model_version"] == after  # annotators see it
+    now = worker_lookups()
+    assert now["computed"] == stored["computed"]  # no backbone pass: every image came from the store
+    assert now["store"] - stored["store"] == len(tasks) - 1
+    [labels_run] = [r for r in runs.runs(redis_server) if r.get("trigger") == "labels_changed"]
+    assert labels_run["phase"] == "done" and labels_run["predicted"] == len(tasks) - 1
+
+
+def test_the_first_click_on_a_pre_annotated_task_is_served_from_the_store(
+    label_studio: LabelStudio, backend: Backend, env, redis_server, documents: Path
+) -> None:
+    redis_server.flushall()
+    project = label_studio.api(
+        "POST", "/api/projects", json={"title": "first click", "label_config": SMART_CONFIG}
+    ).json()["id"]
+    ml = label_studio.api(
+        "POST",
+        "/api/ml",
+        json={"url": backend.url, "project": project, "title": "MaskCLIP", "is_interactive": True},
+    ).json()
+    [task] = import_images(label_studio, project, make_images(documents, "first-click", 1))
+    drain(redis_server)  # pre-annotated by a worker: Label Studio will not ask /predict when it opens
+    assert versions_by_task(label_studio, project)[task["id"]] == [project_version(backend.url, project)]
+    lookups = feature_lookups(backend)
+    click = {
+        "original_width": SIDE,
+        "original_height": SIDE,
+        "image_rotation": 0,
+        "value": {"x": 30.0, "y": 40.0, "width": 1.0, "keypointlabels": [CLASSES[1]]},
+        "is_positive": True,
+        "id": "k1",
+        "from_name": "kp",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+    }
+    reply = label_studio.api(
+        "POST", f"/api/ml/{ml['id']}/interactive-annotating", json={"task": task["id"], "context": {"result": [click]}}
+    ).json()
+    [region] = reply["data"]["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == [CLASSES[1]]
+    after = feature_lookups(backend)
+    assert after["store"] == lookups.get("store", 0) + 1 and after["computed"] == lookups.get("computed", 0)

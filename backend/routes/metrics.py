@@ -15,4 +15,11 @@ bp = Blueprint("metrics", __name__)
 def prometheus():
     s = services()
     s.triggers.publish_preannotation(s.metrics)
+    features = s.predictor.segmenter.features
+    for source, count in (
+        ("memory", features.from_memory),
+        ("store", features.from_store),
+        ("computed", features.computed),
+    ):
+        s.metrics.set("maskclip_feature_lookups", count, source=source)
     return Response(s.metrics.render(), mimetype=CONTENT_TYPE)
