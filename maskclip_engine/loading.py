@@ -26,7 +26,7 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
 from .config import ModelSpec
-from .errors import ModelNotFoundError, UnsupportedModelError, WeightsUnavailableError
+from .errors import InvalidOptionError, ModelNotFoundError, UnsupportedModelError, WeightsUnavailableError
 from .precision import AUTOCAST_DTYPES, backbone_autocast, matrix_weight_dtype, resolve_precision, store_matrix_weights
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class LoadedClip:
     def __post_init__(self) -> None:
         stored = matrix_weight_dtype(self.model.visual)
         if stored != AUTOCAST_DTYPES.get(self.precision, torch.float32):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"this model's image tower holds {stored} weights but precision {self.precision!r} was asked for; "
                 f"load the model again with that precision (load_clip / Segmenter.from_pretrained)."
             )

@@ -241,3 +241,17 @@ def test_training_a_clip_student_runs_the_backbone_once_per_image_not_per_step(s
     config = TrainConfig(iterations=30, batch_size=4, crop=64, lr=0.05, self_training_after=0.5)
     train_student(stored, images, LabelSet.parse(CLASSES), config)
     assert calls[0] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_store_serves_a_cuda_segmenter(tiny_vit, tmp_path: Path) -> None:
+    source = FeatureSource(FeatureCache(64), FeatureStore(tmp_path / "features", 1 << 30))
+    segmenter = Segmenter.from_pretrained(
+        str(tiny_vit.config), str(tiny_vit.state_dict), "cuda", "fp16", cache_dir=tmp_path, features=source
+    )
+    image = make_scene(6, 96, 160)[0]
+    first = segmenter.segment(image, CLASSES)
+    fresh = Segmenter(segmenter.clip, segmenter.options, segmenter.text, FeatureSource(None, source.store))
+    again = fresh.segment(image, CLASSES)
+    assert fresh.features.from_store == 1 and fresh.encode(image).features.device.type == "cuda"
+    np.testing.assert_array_equal(first.label_map, again.label_map)

@@ -53,7 +53,10 @@ def review_project(
     if not data.annotated_tasks:
         raise ProjectDataError(f"project {project} has no accepted annotations to review.")
     labels = LabelSet.parse([list(p) for p in data.control.prompts])
-    config = ReviewConfig()
+    # Fold students train like the project's own, on half its schedule: they judge, they are not served.
+    config = ReviewConfig(
+        iterations=max(50, settings.train_iterations // 2), crop=settings.train_crop, lr=settings.train_lr
+    )
     started = time.time()
     annotated = [a.item for a in data.annotated_tasks]
     plain = [item for item in data.train if item.labels is None]

@@ -20,7 +20,7 @@ from ls_integration.connection import require_label_studio
 from ls_integration.errors import ProjectDataError
 from ls_integration.fetching import ImageFetcher
 from ls_integration.training_data import ProjectData, load_project
-from maskclip_engine import LabelSet, Segmenter
+from maskclip_engine import InvalidOptionError, LabelSet, Segmenter
 from maskclip_engine.students.checkpoint import StudentCheckpoint
 from maskclip_engine.students.gate import GateConfig, Verdict, judge
 from maskclip_engine.students.network import StudentConfig
@@ -86,7 +86,7 @@ def _train_config(settings: Settings, options: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(options) - known
     if unknown:
-        raise ValueError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
+        raise InvalidOptionError(f"unknown training options {sorted(unknown)}; known: {sorted(known)}")
     for name in ("scale_range", "grid_scale_range"):
         if name in options:
             options = {**options, name: tuple(options[name])}

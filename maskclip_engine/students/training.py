@@ -14,7 +14,9 @@ Two ways to make a batch:
   refines the cropped grids as ``segment`` would. No CLIP pass runs per step.
 * ResNet students train on pixels (:func:`.augment.augment`: scale, crop,
   flip, photometric distortion), as the paper does; while MaskCLIP teaches,
-  each crop goes through CLIP once.
+  each crop goes through CLIP once. ``TrainConfig.feature_grid=False`` trains
+  a ``clip`` student this way too (a CLIP pass per crop and step), for
+  comparison.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ class TrainConfig:
     self_training_after: float = 0.1  # fraction of the schedule taught by MaskCLIP
     scale_range: tuple[float, float] = (0.5, 2.0)  # pixel training: of a short side of `crop` pixels
     grid_scale_range: tuple[float, float] = (0.75, 1.5)  # grid training: of the stored grid
+    # clip students train on stored feature grids; False trains them on pixel crops with a CLIP pass per step
+    # (the paper's recipe: photometric distortion and true rescaling, at the cost of the backbone every step).
+    feature_grid: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -186,10 +191,10 @@ def train_student(
         momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
-    if net.needs_clip_features:
+    if net.needs_clip_features and config.feature_grid:
         make_batch = _grid_batches(segmenter, images, config, rng)
     else:
-        make_batch = _pixel_batches(segmenter, images, config, rng, teacher)
+        make_batch = _pixel_batches(segmenter, images, config, rng, teacher, net.needs_clip_features)
     switch = math.ceil(config.iterations * config.self_training_after)
     for step in range(config.iterations):
         for group in optimizer.param_groups:
@@ -312,8 +317,10 @@ def _pixel_batches(
     config: TrainConfig,
     rng: np.random.Generator,
     teacher: Teacher,
+    student_reads_clip: bool = False,
 ) -> Callable[[bool], Batch]:
-    """Batches of augmented pixel crops for a ResNet student; CLIP sees a crop only while it teaches."""
+    """Batches of augmented pixel crops: for a ResNet student CLIP sees a crop only while it teaches; a
+    ``clip`` student trained this way needs CLIP's features of every crop."""
     device = segmenter.clip.device
     augment_config = AugmentConfig(crop=config.crop, base_short_side=config.crop, scale_range=config.scale_range)
     pick = _sampler(len(images), rng)
@@ -326,7 +333,7 @@ def _pixel_batches(
             pixels.append(x)
             maps.append(m)
         batch = _as_batch(maps, device, pixels=torch.stack(pixels).to(device))
-        if teaching and teacher.needs_clip:
+        if student_reads_clip or (teaching and teacher.needs_clip):
             batch.clip_features, batch.clip_keys = segmenter.dense_features_and_keys(segmenter.from_unit(batch.pixels))
         return batch
 
