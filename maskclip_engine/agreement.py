@@ -7,14 +7,12 @@ more right. Agreement is the share of the remaining ("decided") pixels that
 carry the same label in both maps.
 
 The default margin, :data:`DEFAULT_MARGIN`, is 0.05. bf16 keeps 8
-significant bits; after a ViT-B/16 backbone under bf16 autocast the cosine
-logits differ from float32 by 3e-4 (median) to 1.3e-3 (largest), measured
-on the VOC photo (random weights). Label probabilities are ``softmax(100 * logits)``, so a
-logit error ``e`` moves a pair's log-odds by up to ``200 e`` and their
-probability margin near a tie by up to ``tanh(100 e)``: 0.03 for the median
-error, 0.13 for the largest. Pixels under a 0.05 margin are where bf16's own
-rounding typically can flip the decision; they are 2% of the VOC photo's
-pixels, so the measure still covers nearly the whole image.
+significant bits, so a ViT-B/16 backbone under bf16 autocast moves the cosine
+logits a little (docs/performance.md has the measured spread). Label
+probabilities are ``softmax(100 * logits)``, so a logit error ``e`` moves a
+pair's log-odds by up to ``200 e`` and their probability margin near a tie by
+up to ``tanh(100 e)``; 0.05 is where bf16's own rounding typically can flip a
+decision, and leaves nearly the whole image in the measure.
 """
 
 from __future__ import annotations

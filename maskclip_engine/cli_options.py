@@ -40,7 +40,7 @@ def model_options(func: Callable) -> Callable:
                 envvar="MASKCLIP_PRETRAINED",
                 default="openai",
                 show_default=True,
-                help="open_clip pretrained tag, or the path of a local checkpoint (.pt/.pth/.bin).",
+                help="open_clip pretrained tag, or a local checkpoint (.pt, .pth, .bin, .safetensors, .ckpt).",
             ),
             click.option("--device", envvar="MASKCLIP_DEVICE", default=None, help="cpu, cuda, cuda:N (default: auto)."),
             click.option(

@@ -3,7 +3,7 @@
 Datasets come in PASCAL VOC layout (``JPEGImages/``, indexed-PNG
 ``SegmentationClass/``, optional ``ImageSets/Segmentation/<split>.txt``) or as
 samples built in code (a Label Studio project's accepted annotations). Every
-score comes from :mod:`maskclip_engine.metrics`, the code the training gate uses.
+score comes from :mod:`maskclip_engine.miou`, the code the training gate uses.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class Gestures:
 
 @dataclass(frozen=True)
 class RegionParams:
-    """Knobs of the region logic; the defaults are what the README describes."""
+    """Knobs of the region logic described above; the defaults are the product's."""
 
     threshold: float = 0.5
     typical_quantile: float = 0.25  # the similarity a "typical" location has (maps to 0)

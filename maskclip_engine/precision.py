@@ -5,8 +5,8 @@ features) runs under :func:`torch.autocast`, with its matrix weights (linear
 and convolution weights and biases, the projection) stored in that dtype once
 at load time: autocast would round them to it on every call anyway (a frozen
 model's weights are not in autocast's cache), so the numbers are the same,
-each call saves the casts (about 5% of a ViT-B-16 proposal on a 2-core CPU)
-and the backbone's weights take half the memory. Norms, embeddings and the
+each call saves the casts (docs/performance.md) and the backbone's weights
+take half the memory. Norms, embeddings and the
 text tower stay float32. The head (feature normalisation, cosine logits,
 softmax, prompt denoising, key smoothing, upsampling) runs outside it, in
 float32. Near-tied cosine logits

@@ -14,6 +14,8 @@ Keys (``R`` is the run id)::
     maskclip:preannotate-run:R:extra           list of JSON task-id lists (or "*": the whole project)
                                                that triggers added while the run was live
     maskclip:preannotate-run:R:planned         set of task ids already put in a chunk of this run
+    maskclip:preannotate-run:R:attempts        hash chunk number -> how often it failed (given up at 3)
+    maskclip:preannotate-run:R:planner         held by the run's one planner while it lists tasks
 
 A worker refreshes its lease while it works; a lease that expires (the worker
 was killed) is taken over by another worker, so a dead worker loses at most

@@ -68,7 +68,7 @@ class Metrics:
             family = self._families.get(name)
             if family is None:
                 if name not in FAMILIES:
-                    raise KeyError(f"unknown metric {name!r}; declare it in ls_integration/metrics.py FAMILIES")
+                    raise KeyError(f"unknown metric {name!r}; declare it in maskclip_service/prometheus.py FAMILIES")
                 kind, text, labels = FAMILIES[name]
                 family = self._families[name] = kind(name, text, labels, registry=self.registry)
             return family

@@ -20,7 +20,7 @@ places: the interactive requests the page sent (and their replies), the
 backend's own request counter (``GET /metrics``), and the editor's store.
 
 ``SMART_TOOLS_DOCS_IMAGES=docs/images`` also writes the annotators' how-to
-pictures (``docs/smart-tools-annotators.md``) while the tests run.
+pictures (``docs/smart-tools.md``) while the tests run.
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def backend_result(request: dict) -> list[dict]:
 
 
 def doc_picture(page: Browser, name: str, **kwargs) -> None:
-    """A picture for docs/smart-tools-annotators.md, when SMART_TOOLS_DOCS_IMAGES asks for them."""
+    """A picture for docs/smart-tools.md, when SMART_TOOLS_DOCS_IMAGES asks for them."""
     if DOCS:
         page.picture(Path(DOCS) / f"{name}.png", **kwargs)
 
@@ -452,7 +452,7 @@ def test_d_the_phrase_reaches_the_backend(browser: Browser, backend: Backend, br
     [result] = backend_result(request)
     assert result["value"]["brushlabels"] == ["blue box"]  # the label the phrase names
     assert region["origin"] == "manual"
-    # The README's config takes one phrase per annotation (maxSubmissions="1"): the input gives way to the phrase.
+    # The documented config takes one phrase per annotation (maxSubmissions="1"): the input gives way to the phrase.
     assert not browser.driver.find_elements("css selector", "[data-testid=textarea-input]")
     if DOCS:
         canvas = browser.screen_point(0, 0)

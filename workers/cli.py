@@ -192,7 +192,7 @@ def review(project: int, out_dir: Path | None) -> None:
 )
 def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) -> None:
     """mIoU of MaskCLIP and the project's students against the project's accepted annotations."""
-    from ls_integration.auth import LabelStudioAuth
+    from ls_integration.connection import require_label_studio
     from ls_integration.fetching import ImageFetcher
     from ls_integration.training_data import load_project
     from maskclip_engine import MaskClipError
@@ -209,9 +209,10 @@ def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) 
     from .context import shared_segmenter
 
     settings = _settings()
-    if not settings.label_studio_url:
-        raise click.ClickException("set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read the project.")
-    auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+    try:
+        auth = require_label_studio(settings, project)  # the rule every job follows
+    except ServiceError as exc:
+        raise click.ClickException(str(exc)) from exc
     segmenter = shared_segmenter(settings)
     try:
         data = load_project(

@@ -12,7 +12,7 @@ from ..services import services
 bp = Blueprint("review", __name__)
 
 
-@bp.get("/review/<project>")
+@bp.get("/review/<project>/")  # /review/<project> redirects here, so the page's relative picture paths resolve
 @bp.get("/review/<project>/<path:name>")
 def review(project: str, name: str = "index.html"):
     if not is_id(project):
