@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -81,10 +82,12 @@ def drain(redis) -> None:
 
 
 def make_images(documents: Path, folder: str, count: int) -> list[str]:
+    """Distinct scenes per folder: a backend shared across tests must not have seen these images before."""
     (documents / folder).mkdir(exist_ok=True)
+    first = 5000 + zlib.crc32(folder.encode()) % 100_000 * 100
     names = []
     for i in range(count):
-        image, _ = make_scene(5000 + i, SIDE, SIDE)
+        image, _ = make_scene(first + i, SIDE, SIDE)
         Image.fromarray(image).save(documents / folder / f"{i}.png")
         names.append(f"{folder}/{i}.png")
     return names
