@@ -32,6 +32,7 @@ from .evaluation import (
     report_table,
 )
 from .feature_source import FeatureSource
+from .harness import Harness
 from .images import decode_image, list_images
 from .labels import LabelSet
 from .protocols import Protocol, load_protocol, protocol_names
@@ -208,7 +209,8 @@ def evaluate(ctx: click.Context, data: Path, protocol: str | None, out_file: Pat
             features=given["features"],
         )
         predictors = {
-            c.name: config_predictor(segmenter, c, classes, spec.background, spec.bg_threshold) for c in spec.configs
+            c.name: config_predictor(segmenter, c, classes, spec.background, spec.bg_threshold, spec.harness)
+            for c in spec.configs
         }
     except MaskClipError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -266,6 +268,7 @@ def _eval_spec(ctx: click.Context, given: dict, protocol: Protocol | None) -> Ev
         configs=configs,
         published=dict(protocol.published) if protocol is not None else {},
         protocol=protocol,
+        harness=Harness(**protocol.harness) if protocol is not None and protocol.harness else None,
     )
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from .config import KS_VARIANTS, SegmentOptions
 from .errors import InvalidOptionError
+from .harness import Harness, HarnessPredictor
 from .images import decode_image
 from .labels import LabelSet
 from .miou import Scores, confusion_matrix, scores
@@ -198,17 +199,31 @@ class EvalSpec:
     configs: list[EvalConfig]
     published: dict[str, float] = field(default_factory=dict)
     protocol: Any = None
+    harness: Harness | None = None  # the later methods' own head instead of MaskCLIP's
 
 
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 
 def config_predictor(
-    segmenter: Segmenter, config: EvalConfig, classes: Sequence[str], background: str, bg_threshold: float
+    segmenter: Segmenter,
+    config: EvalConfig,
+    classes: Sequence[str],
+    background: str,
+    bg_threshold: float,
+    harness: Harness | None = None,
 ) -> Predictor:
-    """``image -> HxW class indices`` for one configuration, under the dataset's background convention."""
+    """``image -> HxW class indices`` for one configuration, under the dataset's background convention.
+
+    With ``harness``, MaskCLIP's head gives way to the later methods' evaluation head, which prompts every
+    class (the background one too, at index 0).
+    """
     if background not in BACKGROUNDS:
         raise InvalidOptionError(f"background {background!r}: use one of {', '.join(BACKGROUNDS)}.")
+    if harness is not None:
+        if background == "threshold" or config.student:
+            raise InvalidOptionError("the harness prompts every class (background too) and scores no students.")
+        return HarnessPredictor(segmenter.with_options(segmenter.options.replace(**config.options)), classes, harness)
     offset = 1 if background == "threshold" else 0
     prompted = LabelSet.parse([name.split("|") for name in classes[offset:]])
     threshold = bg_threshold if background == "threshold" else 0.0

@@ -3,7 +3,9 @@
 A protocol names the dataset it was published on, its classes (``a|b`` for
 synonyms, in index order), how the dataset's background and ignored labels
 are read, the segmentation options, the configurations scored side by side,
-and the published mIoU of each (in percent, with where it comes from).
+the published mIoU of each (in percent, with where it comes from), and, for
+the later training-free methods, the settings of their own evaluation head
+(``harness``, see :mod:`maskclip_engine.harness`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Protocol:
     configs: tuple[str, ...] = ()
     published: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    # The later methods' own head (maskclip_engine.harness): logit_scale, prob_threshold, area_threshold.
+    harness: dict[str, Any] | None = None
 
 
 def protocol_names() -> list[str]:
