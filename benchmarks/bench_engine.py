@@ -36,9 +36,9 @@ from open_clip.modified_resnet import ModifiedResNet
 
 from maskclip_engine import Segmenter
 from maskclip_engine.agreement import measure_agreement
-from maskclip_engine.dense import interpolate_positional_embedding
 from maskclip_engine.images import resized_shape
 from maskclip_engine.text import TextEmbedder
+from maskclip_engine.vit_blocks import interpolate_positional_embedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.scenes: the generated scenes of the tests
 from tests.scenes import CLASSES as SCENE_CLASSES  # noqa: E402

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskclip_engine import InvalidImageError, Segmenter, dense
+from maskclip_engine import InvalidImageError, Segmenter, vit_blocks
 
 
-def _layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
@@ -22,9 +22,9 @@ def _activation(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     return F.gelu(x)
 
 
-def _last_block_input(visual: torch.nn.Module, pixels: torch.Tensor):
-    """A copy of the tower with its positional embedding resized here (bicubic patch positions, class
-    position untouched), and the tokens entering its last block from open_clip's own forward pass."""
+def resized_tower(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """A copy of the tower with its positional embedding resized here for ``pixels`` (bicubic patch positions,
+    class position untouched), and the patch grid."""
     tower = copy.deepcopy(visual)
     patch = tower.patch_size[0]
     gh, gw = pixels.shape[2] // patch, pixels.shape[3] // patch
@@ -33,6 +33,12 @@ def _last_block_input(visual: torch.nn.Module, pixels: torch.Tensor):
     grid = pos[1:].reshape(th, tw, -1).permute(2, 0, 1)[None]
     grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)[0]
     tower.positional_embedding = torch.nn.Parameter(torch.cat([pos[:1], grid.permute(1, 2, 0).reshape(gh * gw, -1)]))
+    return tower, (gh, gw)
+
+
+def _last_block_input(visual: torch.nn.Module, pixels: torch.Tensor):
+    """The resized tower and the tokens entering its last block from open_clip's own forward pass."""
+    tower, (gh, gw) = resized_tower(visual, pixels)
     captured = {}
     handle = tower.transformer.resblocks[-1].register_forward_pre_hook(
         lambda module, args: captured.setdefault("x", args[0])
@@ -56,14 +62,14 @@ def _reference_vit(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch
 
     width = x.shape[-1]
     w_in, b_in = last.attn.in_proj_weight, last.attn.in_proj_bias
-    y = _layer_norm(x, last.ln_1)
+    y = layer_norm(x, last.ln_1)
     k = y @ w_in[width : 2 * width].T + b_in[width : 2 * width]
     v = y @ w_in[2 * width :].T + b_in[2 * width :]
     w_out, b_out = last.attn.out_proj.weight, last.attn.out_proj.bias
     x = x + (v @ w_out.T + b_out)
-    hidden = _layer_norm(x, last.ln_2) @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias
+    hidden = layer_norm(x, last.ln_2) @ last.mlp.c_fc.weight.T + last.mlp.c_fc.bias
     x = x + _activation(hidden, last.mlp.gelu) @ last.mlp.c_proj.weight.T + last.mlp.c_proj.bias
-    features = _layer_norm(x[:, 1:], tower.ln_post) @ tower.proj
+    features = layer_norm(x[:, 1:], tower.ln_post) @ tower.proj
     keys = (k @ w_out.T + b_out)[:, 1:]
     as_map = lambda t: t.transpose(1, 2).reshape(t.shape[0], t.shape[2], gh, gw)  # noqa: E731
     return as_map(features), as_map(keys)
@@ -97,7 +103,7 @@ def test_transformer_block_computes_what_the_open_clip_block_computes(vit_segmen
     x = torch.randn(2, 1 + 3 * 7, vit_segmenter.clip.visual.transformer.width)
     with torch.no_grad():
         for block in vit_segmenter.clip.visual.transformer.resblocks:
-            torch.testing.assert_close(dense.transformer_block(block, x), block(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(vit_blocks.transformer_block(block, x), block(x), rtol=1e-5, atol=1e-5)
             x = block(x)
 
 
@@ -105,10 +111,11 @@ def test_bf16_cpu_attention_in_row_blocks_matches_exact_attention(monkeypatch: p
     torch.manual_seed(3)
     q, k, v = (torch.randn(2, 3, 45, 16) * scale for scale in (2.0, 2.0, 1.0))
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    assert torch.equal(dense.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))  # float32: SDPA itself
-    for row_budget in (dense.ROW_BLOCK_ELEMENTS, 6 * 45 * 16, 6 * 45 * 20):  # one block; 16-row blocks; a ragged end
-        monkeypatch.setattr(dense, "ROW_BLOCK_ELEMENTS", row_budget)
-        got = dense.attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert torch.equal(vit_blocks.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))  # float32: SDPA itself
+    # one block; 16-row blocks; a ragged end
+    for row_budget in (vit_blocks.ROW_BLOCK_ELEMENTS, 6 * 45 * 16, 6 * 45 * 20):
+        monkeypatch.setattr(vit_blocks, "ROW_BLOCK_ELEMENTS", row_budget)
+        got = vit_blocks.attend(q.bfloat16(), k.bfloat16(), v.bfloat16())
         assert got.dtype == torch.bfloat16 and got.shape == q.shape
         error = (got.double() - exact).norm() / exact.norm()
         assert error < 0.02, f"relative error {error:.4f} with a row budget of {row_budget}"
@@ -162,7 +169,7 @@ def _reference_training_free(visual: torch.nn.Module, pixels: torch.Tensor, mode
     heads = last.attn.num_heads
     dim = width // heads
     w_in, b_in = last.attn.in_proj_weight, last.attn.in_proj_bias
-    y = _layer_norm(x, last.ln_1)
+    y = layer_norm(x, last.ln_1)
     q, k, v = (y @ w_in[i * width : (i + 1) * width].T + b_in[i * width : (i + 1) * width] for i in range(3))
 
     def per_head(t: torch.Tensor) -> torch.Tensor:
@@ -184,7 +191,7 @@ def _reference_training_free(visual: torch.nn.Module, pixels: torch.Tensor, mode
         )
     out = (weights @ v).permute(0, 2, 1, 3).reshape(batch, tokens, width)
     out = out @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
-    features = _layer_norm(out[:, 1:], tower.ln_post) @ tower.proj
+    features = layer_norm(out[:, 1:], tower.ln_post) @ tower.proj
     return features.transpose(1, 2).reshape(batch, -1, gh, gw)
 
 
