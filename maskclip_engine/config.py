@@ -15,7 +15,7 @@ Mode = Literal["whole", "slide"]
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16", "bf16")
 MODES: tuple[str, ...] = ("whole", "slide")
-DENSE_MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip")
+DENSE_MODES: tuple[str, ...] = ("maskclip", "sclip", "clearclip", "naclip", "scclip", "sfp")
 KS_VARIANTS: tuple[str, ...] = ("cosine", "released")
 SLIDE_REFINES: tuple[str, ...] = ("whole", "window")
 

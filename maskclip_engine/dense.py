@@ -20,7 +20,9 @@ Later training-free methods change the ViT's last block (``dense_mode``):
   the patch-grid distance (sigma 5 patches).
 
 Each replaces the block's output by its attention output alone (after the
-output projection): no residual, no MLP.
+output projection): no residual, no MLP. ``scclip`` and ``sfp`` also resolve
+outlier tokens and aggregate patches by the affinities of middle blocks
+(:mod:`maskclip_engine.calibrated_dense`).
 
 The blocks before the last run as open_clip defines them
 (:mod:`maskclip_engine.vit_blocks`).
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
+from .calibrated_dense import CALIBRATED_MODES, calibrated_dense
 from .config import DENSE_MODES
 from .errors import InvalidOptionError
 from .vit_blocks import check_pixels, embed_tokens, project_patches, run_block, to_map
@@ -44,6 +47,8 @@ def vit_dense(
     visual: VisionTransformer, pixels: torch.Tensor, mode: str = "maskclip"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense features ``[B, D, h, w]`` and last-block keys ``[B, width, h, w]`` of a ViT."""
+    if mode in CALIBRATED_MODES:
+        return calibrated_dense(visual, pixels, mode)
     x, grid = embed_tokens(visual, pixels)
     blocks = visual.transformer.resblocks
     for index in range(len(blocks) - 1):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .calibrated_dense import CALIBRATED_MODES, layer_plan
 from .config import ModelSpec, SegmentOptions
 from .dense import dense_features
 from .dense_state import DenseState
@@ -242,6 +243,8 @@ class Segmenter:
                 f"dense_mode {opts.dense_mode!r} changes a ViT's last attention block; ResNet models support "
                 "'maskclip' only."
             )
+        if opts.dense_mode in CALIBRATED_MODES:
+            layer_plan(len(self.clip.visual.transformer.resblocks))  # refuses towers too shallow for the mode
         if opts.mode == "slide":
             for name in ("crop", "stride"):
                 if getattr(opts, name) % self.stride:

@@ -43,6 +43,20 @@ def tiny_vit(models_dir: Path) -> TinyModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_vit12(models_dir: Path) -> TinyModel:
+    return make_tiny_model("tiny-vit-12", models_dir)
+
+
+@pytest.fixture(scope="session")
+def vit12_segmenter(tiny_vit12: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
+    """A tiny ViT with ViT-B/16's 12 blocks, float32: the dense modes that read middle blocks run on it."""
+    cache = tmp_path_factory.mktemp("cache")
+    return Segmenter.from_pretrained(
+        str(tiny_vit12.config), str(tiny_vit12.state_dict), precision="fp32", cache_dir=cache
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_rn(models_dir: Path) -> TinyModel:
     return make_tiny_model("tiny-rn", models_dir)
 

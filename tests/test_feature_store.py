@@ -209,6 +209,23 @@ def test_head_only_proposals_from_the_store_equal_full_segment(vit_segmenter, st
     np.testing.assert_allclose(again.confidence[decided], expected.confidence[decided], atol=5e-3)
 
 
+@pytest.mark.parametrize("mode", ["scclip", "sfp"])
+def test_the_calibrated_modes_are_stored_under_their_own_keys(vit12_segmenter, tmp_path: Path, mode: str) -> None:
+    source = FeatureSource(FeatureCache(0), FeatureStore(tmp_path / "features", 1 << 30))
+    options = vit12_segmenter.options.replace(short_side=96)
+    stored = Segmenter(vit12_segmenter.clip, options, vit12_segmenter.text, source)
+    image = make_scene(5, 96, 160)[0]
+    first = stored.segment(image, CLASSES, dense_mode=mode)
+    fresh = Segmenter(stored.clip, stored.options, stored.text, FeatureSource(None, source.store))
+    calls = backbone_calls(fresh)
+    again = fresh.segment(image, CLASSES, dense_mode=mode)
+    assert calls[0] == 0 and fresh.features.from_store == 1
+    np.testing.assert_array_equal(again.label_map, first.label_map)
+    np.testing.assert_array_equal(again.confidence, first.confidence)
+    fresh.segment(image, CLASSES, dense_mode="naclip")  # another mode, another entry: the backbone runs
+    assert calls[0] == 1 and fresh.features.computed == 1
+
+
 def test_another_label_set_reuses_the_stored_image(stored) -> None:
     image = make_scene(4, 96, 160)[0]
     stored.segment(image, CLASSES)

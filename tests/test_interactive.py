@@ -244,6 +244,23 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra
     assert torch.allclose(again.probs, state.probs, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["scclip", "sfp"])
+def test_smart_tools_answer_on_the_calibrated_modes(vit12_segmenter, mode: str) -> None:
+    from tests.conftest import scene
+
+    image = scene(70, 110, seed=3)
+    labels = ["wall", "grass", "sky"]
+    options = {"short_side": 64, "dense_mode": mode}
+    expected = vit12_segmenter.segment(image, labels, **options)
+    result, state = vit12_segmenter.segment_with_state(image, labels, **options)
+    np.testing.assert_array_equal(result.label_map, expected.label_map)
+    assert state.keys.shape[1:] == state.features.shape[1:] == (4, 6)
+    mask = interactive_mask(state, Gestures(positive=((20.0, 30.0),), label=1)).mask
+    assert mask.shape == (70, 110) and mask[30, 20]
+    box = interactive_mask(state, Gestures(box=(50.0, 10.0, 100.0, 60.0), label=2)).mask
+    assert box.any() and not box[:, :49].any() and not box[62:].any()
+
+
 @pytest.mark.parametrize("backbone", ["clip", "resnet50"])
 def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter, backbone: str) -> None:
     from maskclip_engine.students.checkpoint import StudentCheckpoint

@@ -139,3 +139,24 @@ def test_eval_scores_a_student_under_its_own_dense_mode(segmenter: Segmenter, na
     np.testing.assert_array_equal(predict(image), StudentSegmenter(segmenter, loaded).segment(image).label_map)
     with pytest.raises(InvalidOptionError, match="trained on 'naclip' features"):
         config_predictor(segmenter, EvalConfig.parse(f"student={naclip_student},dense_mode=sclip"), CLASSES, "none", 0)
+
+
+@pytest.mark.parametrize("mode", ["scclip", "sfp"])
+def test_students_trained_under_the_calibrated_modes_serve_with_them(vit12_segmenter: Segmenter, mode: str) -> None:
+    """A worker whose MaskCLIP runs SC-CLIP or SFP trains a student on those features; a backend running plain
+    MaskCLIP serves it on the same features (the 12-block tiny model: these modes read middle blocks)."""
+    serving = Segmenter(vit12_segmenter.clip, vit12_segmenter.options.replace(short_side=128), vit12_segmenter.text)
+    teacher = Segmenter(serving.clip, serving.options.replace(dense_mode=mode), serving.text)
+    images = [TrainingImage(*make_scene(i, 64, 80)) for i in range(4)]
+    net = train_student(teacher, images, SYNONYMS, TINY)
+    prompts = [list(s) for s in SYNONYMS.synonyms]
+    checkpoint = StudentCheckpoint(net, SYNONYMS.names, prompts, {}, options=teacher.options)
+    assert checkpoint.dense_mode == mode
+    served = StudentSegmenter(serving, checkpoint)
+    image = make_scene(98)[0]
+    result = served.segment(image)
+    on_mode = student_probabilities(serving, checkpoint.net, image, mode)
+    on_maskclip = student_probabilities(serving, checkpoint.net, image, "maskclip")
+    assert (on_mode - on_maskclip).abs().max() > 1e-3
+    expected = F.interpolate(on_mode[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+    np.testing.assert_array_equal(result.label_map, expected.argmax(0).numpy())

@@ -25,6 +25,12 @@ CONFIGS = {
         "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
         "text_cfg": TEXT_CFG,
     },
+    # The same with ViT-B/16's depth, for the dense modes that read middle blocks (scclip, sfp).
+    "tiny-vit-12": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 12, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": TEXT_CFG,
+    },
     # ModifiedResNet with one bottleneck per stage: stride 32, 256 layer4 channels.
     "tiny-rn": {
         "embed_dim": 32,
