@@ -6,6 +6,7 @@ group, so this module stays free of server and queue code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -232,6 +233,8 @@ def evaluate(ctx: click.Context, data: Path, protocol: str | None, out_file: Pat
         "bg_threshold": spec.bg_threshold,
         "protocol": spec.options.to_dict(),
     }
+    if spec.harness is not None:
+        context["harness"] = dataclasses.asdict(spec.harness)
     if spec.protocol is not None:
         context["protocol_name"] = spec.protocol.name
         context["published"] = {"miou": spec.published, "source": spec.protocol.source}

@@ -8,7 +8,8 @@ then ``softmax(logit_scale * logits)`` runs over every name, a class takes
 its best name's probability, classes whose argmax area is at most
 ``area_threshold`` of all non-background argmax area get probability 0 (VOC21
 only), and pixels whose top probability is below ``prob_threshold`` go to class
-0 (the background class, prompted with its own names). Facts from the
+0 (the background class, prompted with its own names). Each name is embedded
+with CLIP's 80 ImageNet templates, not MaskCLIP's 85. Facts from the
 methods' official evaluation code (docs/evaluation.md); the backbone is the
 engine's, its features come through the segmenter's feature source.
 """
@@ -22,9 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidOptionError
 from .image_features import ImageFeatures
 from .labels import LabelSet
 from .segmenter import Segmenter
+from .templates import TEMPLATE_SETS
+from .text import TextEmbedder
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,11 @@ class Harness:
     prob_threshold: float = 0.0
     area_threshold: float = 0.0
     background: bool = True  # class 0 is the background class (what prob_threshold sends pixels to)
+    templates: str = "imagenet"  # a set of maskclip_engine.templates.TEMPLATE_SETS
+
+    def __post_init__(self) -> None:
+        if self.templates not in TEMPLATE_SETS:
+            raise InvalidOptionError(f"harness templates {self.templates!r} is not one of {', '.join(TEMPLATE_SETS)}.")
 
 
 def name_logits(features: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
@@ -85,7 +94,11 @@ class HarnessPredictor:
         self.segmenter = segmenter
         self.harness = harness
         self.labels = LabelSet.parse([name.split("|") for name in classes])
-        self.text, self.owner = segmenter.label_texts(self.labels)
+        clip = segmenter.clip
+        cache = segmenter.text.cache_dir.parent if segmenter.text.cache_dir is not None else None
+        embedder = TextEmbedder(clip, cache, TEMPLATE_SETS[harness.templates])
+        self.text = embedder.embed(self.labels.prompts).to(clip.device)
+        self.owner = torch.tensor(self.labels.owner, device=clip.device)
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> np.ndarray:

@@ -16,7 +16,11 @@ SCENE_TEMPLATES: tuple[str, ...] = (
     "this is one {} in the scene.",
 )
 
-MASKCLIP_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES) + SCENE_TEMPLATES
+IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+MASKCLIP_TEMPLATES: tuple[str, ...] = IMAGENET_TEMPLATES + SCENE_TEMPLATES
+
+# Named sets: MaskCLIP's 85, and CLIP's 80 ImageNet templates alone (the later training-free methods' harness).
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"maskclip": MASKCLIP_TEMPLATES, "imagenet": IMAGENET_TEMPLATES}
 
 
 def templates_digest(templates: Sequence[str]) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import imgviz
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -170,6 +171,9 @@ def test_every_shipped_protocol_loads_with_its_published_classes() -> None:
     from maskclip_engine.protocols import load_protocol, protocol_names
 
     counts = {"maskclip-voc20": 20, "maskclip-context59": 59, "maskclip-cocostuff171": 171, "naclip-voc21": 21}
+    # The later methods' eight benchmarks, with their published class files' lengths.
+    counts |= {"scclip-voc21": 21, "scclip-context60": 60, "scclip-object": 81, "scclip-voc20": 20}
+    counts |= {"scclip-context59": 59, "scclip-stuff171": 171, "scclip-cityscapes": 19, "scclip-ade150": 150}
     assert set(counts) <= set(protocol_names())
     for name in protocol_names():
         protocol = load_protocol(name)
@@ -213,3 +217,42 @@ def test_eval_reads_a_protocol_and_options_given_override_it(tiny_vit: TinyModel
     assert "42.0" in result.output  # the published number beside the measured one
     unknown = run_eval(tiny_vit, root, out, "--protocol", "no-such-protocol")
     assert unknown.exit_code != 0 and "maskclip-voc20" in unknown.output
+
+
+def test_a_published_harness_protocol_runs_by_name(tiny_vit12: TinyModel, tmp_path: Path) -> None:
+    """``--protocol scclip-voc20`` scores SC-CLIP, SFP and NACLIP with the later methods' own head and reports
+    SC-CLIP's published number beside them; the generated scenes stand in for VOC (their classes given)."""
+    samples = []
+    for i in range(2):
+        image, labels = make_scene(60 + i, 96, 128)
+        samples.append((f"s{i}", image, labels + 1))  # label 0 ignored, as in VOC-20
+    root = write_voc(tmp_path / "voc", samples, None)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "report.json"
+    result = run_eval(tiny_vit12, root, out, "--protocol", "scclip-voc20", "--classes", str(classes))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"scclip", "sfp", "naclip"}
+    assert report["published"]["miou"] == {"scclip": 84.3} and "84.3" in result.output
+    assert report["harness"] == {
+        "logit_scale": 40.0, "prob_threshold": 0.0, "area_threshold": 0.0, "background": False, "templates": "imagenet"
+    }  # fmt: skip
+    assert report["protocol"]["crop"] == 224 and report["protocol"]["stride"] == 112
+    assert report["protocol"]["short_side"] == 336
+    scores = {name: entry["miou"] for name, entry in report["results"].items()}
+    assert all(0.0 <= value <= 1.0 for value in scores.values()) and len(set(scores.values())) > 1
+
+
+def test_the_harness_embeds_names_with_the_80_imagenet_templates(vit_segmenter: Segmenter) -> None:
+    from maskclip_engine.harness import Harness, HarnessPredictor
+    from maskclip_engine.templates import IMAGENET_TEMPLATES
+    from maskclip_engine.text import TextEmbedder
+
+    predictor = HarnessPredictor(vit_segmenter, ["background", "cat|kitten"], Harness())
+    imagenet = TextEmbedder(vit_segmenter.clip, None, IMAGENET_TEMPLATES).embed(["background", "cat", "kitten"])
+    assert len(IMAGENET_TEMPLATES) == 80
+    torch.testing.assert_close(predictor.text, imagenet)
+    assert predictor.owner.tolist() == [0, 1, 1]
+    maskclip = vit_segmenter.text.embed(["cat"])  # MaskCLIP's 85 templates give other embeddings
+    assert not torch.allclose(predictor.text[1], maskclip[0], atol=1e-4)
