@@ -69,6 +69,7 @@ class LabelStudio:
             raise RuntimeError(f"{binary} is missing: run `make label-studio` (the README's test command does).")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        data_dir.mkdir(parents=True, exist_ok=True)
         self.log = data_dir / "label-studio.log"
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DJANGO_"))},
