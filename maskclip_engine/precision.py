@@ -9,7 +9,8 @@ each call saves the casts (docs/performance.md) and the backbone's weights
 take half the memory. Norms, embeddings and the
 text tower stay float32. The head (feature normalisation, cosine logits,
 softmax, prompt denoising, key smoothing, upsampling) runs outside it, in
-float32. Near-tied cosine logits
+float32. A student's decoder runs under the same autocast when it serves or
+is judged; its text classifier stays float32. Near-tied cosine logits
 would flip in bf16's 8-bit mantissa; in float32 they do not, so the label map
 agrees with a full float32 run wherever the decision is not a near-tie (see
 :mod:`maskclip_engine.agreement`). Text embeddings are always float32.

@@ -158,3 +158,40 @@ def test_bf16_resnet_stores_its_matrices_and_keeps_batch_norm_float32(tiny_rn: T
         expected = dense_features(fp32.clip.visual, pixels)
     got = bf16.dense_features_and_keys(pixels)
     assert torch.equal(got[0], expected[0].float()) and torch.equal(got[1], expected[1].float())
+
+
+def test_a_students_decoder_follows_the_backbone_precision_and_its_classifier_stays_float32(
+    tiny_vit: TinyModel, tmp_path: Path
+) -> None:
+    from maskclip_engine import LabelSet
+    from maskclip_engine.students.checkpoint import StudentCheckpoint
+    from maskclip_engine.students.serving import StudentSegmenter
+    from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student
+
+    fp32 = Segmenter.from_pretrained(
+        str(tiny_vit.config), str(tiny_vit.state_dict), precision="fp32", cache_dir=tmp_path
+    )
+    bf16 = Segmenter.from_pretrained(
+        str(tiny_vit.config), str(tiny_vit.state_dict), precision="bf16", cache_dir=tmp_path
+    )
+    fp32, bf16 = (s.with_options(s.options.replace(short_side=128)) for s in (fp32, bf16))
+    labels = LabelSet.parse(CLASSES)
+    images = [TrainingImage(*make_scene(i, 96, 128)) for i in range(4)]
+    net = train_student(fp32, images, labels, TrainConfig(iterations=8, batch_size=2, crop=64, lr=0.05))
+    checkpoint = StudentCheckpoint(net, labels.names, labels.synonyms_lists, {})
+    calls = []
+    net.head.branches[0].register_forward_hook(lambda module, args, out: calls.append(("decoder", out.dtype)))
+    net.classifier.register_forward_hook(lambda module, args, out: calls.append(("classifier", out.dtype)))
+    image = make_scene(50, 96, 128)[0]
+    features = fp32.encode(image, mode="whole")  # the same features for both: only the decoder's precision differs
+    exact = StudentSegmenter(fp32, checkpoint).probabilities(image, features)
+    fast = StudentSegmenter(bf16, checkpoint).probabilities(image, features)
+    assert calls == [
+        ("decoder", torch.float32),
+        ("classifier", torch.float32),
+        ("decoder", torch.bfloat16),
+        ("classifier", torch.float32),
+    ]
+    assert fast.dtype == torch.float32
+    assert (fast.argmax(0) == exact.argmax(0)).float().mean() > 0.98
+    torch.testing.assert_close(fast, exact, atol=0.03, rtol=0)

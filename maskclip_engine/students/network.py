@@ -116,8 +116,11 @@ class TextClassifier(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor(math.log(initial_scale)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        cosine = label_logits(features, self.text, self.owner, self.num_labels)
-        return cosine * self.log_scale.exp()
+        # Always float32, also when the decoder before it runs under autocast: near-tied labels are decided as
+        # in training.
+        with torch.autocast(features.device.type, enabled=False):
+            cosine = label_logits(features.float(), self.text, self.owner, self.num_labels)
+            return cosine * self.log_scale.exp()
 
 
 class StudentNet(nn.Module):

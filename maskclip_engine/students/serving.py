@@ -59,15 +59,25 @@ class StudentSegmenter:
 
     @torch.inference_mode()
     def probabilities(self, rgb: np.ndarray, features: ImageFeatures | None = None) -> torch.Tensor:
-        """Class probabilities ``[C, h, w]`` of one image on the student's output grid."""
+        """Class probabilities ``[C, h, w]`` of one image on the student's output grid.
+
+        The student's decoder runs in the CLIP backbone's precision (bf16 where
+        the chip computes it natively, see :mod:`maskclip_engine.precision`);
+        its text classifier in float32. Serving, the promotion gate and reviews
+        all come through here, so a student is judged as it is served.
+        """
         if self.net.needs_clip_features:
             features = features or self.clip_features(rgb)
             grid, _ = features.whole_grid()
-            return torch.softmax(self.net(clip_features=grid[None])[0].float(), dim=0)
+            with self.segmenter.clip.autocast():
+                logits = self.net(clip_features=grid[None])[0]
+            return torch.softmax(logits.float(), dim=0)
         options = self.segmenter.options
         size = resized_shape(*rgb.shape[:2], options.short_side, options.max_long_side, 32)
         unit = self.segmenter.to_unit(self.segmenter.normalize(rgb, size))[None]  # the ResNet normalises its own way
-        return torch.softmax(self.net(pixels=unit)[0].float(), dim=0)
+        with self.segmenter.clip.autocast():
+            logits = self.net(pixels=unit)[0]
+        return torch.softmax(logits.float(), dim=0)
 
     @torch.inference_mode()
     def segment_with_state(self, image: Any, bg_threshold: float = 0.0) -> tuple[SegmentationResult, DenseState]:
