@@ -213,6 +213,18 @@ def runs(connection: Redis, limit: int = 100) -> list[dict[str, Any]]:
     return sorted(found, key=lambda r: float(r.get("started", 0)), reverse=True)[:limit]
 
 
+def nothing_left(connection: Redis, run: str) -> bool:
+    """No chunk waits or is leased, no planner is at work and no trigger waits: the run is about to end."""
+    key = state_key(run)
+    with connection.pipeline() as pipe:
+        pipe.llen(key + ":todo")
+        pipe.hlen(key + ":leases")
+        pipe.llen(key + ":extra")
+        pipe.hget(key, "planning")
+        todo, leased, extra, planning = pipe.execute()
+    return not todo and not leased and not extra and planning != b"1"
+
+
 def try_finish(connection: Redis, run: str, project: int | str, version_key: str) -> str:
     """``done`` (the run ended now and its key is free), ``plan`` (triggers came in: plan again), ``busy``
     (chunks are left or leased) or ``over`` (it had ended already)."""

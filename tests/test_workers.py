@@ -311,3 +311,43 @@ def test_compose_file_wires_the_stack() -> None:
     compose_cli = shutil.which("docker-compose")
     if compose_cli:  # the real parser, where it is installed
         subprocess.run([compose_cli, "-f", str(root / "docker-compose.yml"), "config", "-q"], check=True)
+
+
+class _Projects:
+    """Stands in for label-studio-sdk's ``client.projects``: records the run's phase when the version is set."""
+
+    def __init__(self, connection, run: str, fail: bool = False) -> None:
+        self.connection, self.run, self.fail, self.seen = connection, run, fail, []
+
+    def update(self, id: int, model_version: str) -> None:  # noqa: A002 (the SDK's argument name)
+        from maskclip_service import preannotation_runs as runs
+
+        self.seen.append((id, model_version, runs.state(self.connection, self.run).get("phase")))
+        if self.fail:
+            raise ConnectionError("Label Studio is down")
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["set", "unreachable"])
+def test_a_run_that_switches_the_project_reads_done_only_once_the_project_shows_it(redis, fail: bool) -> None:
+    from types import SimpleNamespace
+
+    from maskclip_service import preannotation_runs as runs
+    from workers.preannotate import _try_finish
+
+    run, status = runs.start_run(redis, 7, version="student-p7-v2", set_project_version=True, queue_name="unused")
+    assert status == "queued"
+    # As the planner leaves it once every chunk is done: its scopes taken, nothing queued or leased.
+    redis.hset(runs.state_key(run), mapping={"version": "student-p7-v2", "planning": 0})
+    redis.delete(runs.state_key(run) + ":extra")
+    projects = _Projects(redis, run, fail)
+    ctx = SimpleNamespace(connection=redis, run=run, project=7, client=SimpleNamespace(projects=projects))
+    if fail:
+        with pytest.raises(ConnectionError):
+            _try_finish(ctx)
+        assert runs.state(redis, run)["phase"] != "done"  # still open: the next trigger or takeover finishes it
+    else:
+        assert _try_finish(ctx) == "done"
+        assert runs.state(redis, run)["phase"] == "done"
+    assert len(projects.seen) == 1
+    project, version, phase_then = projects.seen[0]
+    assert (project, version) == (7, "student-p7-v2") and phase_then != "done"

@@ -148,9 +148,7 @@ def _plan(ctx: RunContext, project: int, run: str, key: str) -> dict[str, Any]:
         waiting = ctx.connection.llen(key + ":todo") + ctx.connection.hlen(key + ":leases")
         for _ in range(min(max(chunks, 1 if waiting else 0), MAX_WORK_JOBS)):
             runs.enqueue_job(ctx.connection, "work_run", project, run, ctx.settings.queue_name)
-        outcome = runs.try_finish(ctx.connection, run, project, state.get("version_key", runs.CURRENT))
-        if outcome == "done":
-            _finished(ctx)
+        outcome = _try_finish(ctx)
         if outcome != "plan":
             break
     state = runs.state(ctx.connection, run)
@@ -263,12 +261,9 @@ def work_run(project: int, run: str) -> dict[str, Any]:
             log.exception("run %s: chunk %s failed", run, chunk)
             _give_back(ctx, chunk, owner)
         _update_job(runs.state(ctx.connection, run))
-    state = runs.state(ctx.connection, run)
-    outcome = runs.try_finish(ctx.connection, run, project, state.get("version_key", runs.CURRENT))
+    outcome = _try_finish(ctx)
     if outcome == "plan":
         runs.enqueue_job(ctx.connection, "plan_run", project, run, ctx.settings.queue_name)
-    elif outcome == "done":
-        _finished(ctx)
     state = runs.state(ctx.connection, run)
     _update_job(state)
     return runs.progress_meta(state)
@@ -353,9 +348,20 @@ def _versions(ctx: RunContext, task_ids: list[int]) -> dict[int, set[str]]:
     return {task.id: {_field(p, "model_version") for p in task.predictions or []} for task in pager}
 
 
-def _finished(ctx: RunContext) -> None:
+def _try_finish(ctx: RunContext) -> str:
+    """End the run if nothing is left (see ``runs.try_finish``); a run that switches the project's version does so
+    first, so a run reads as done only once annotators see its proposals. Setting the version twice (two workers
+    finding nothing left) is harmless; a failure to set it leaves the run open for a retry."""
     state = runs.state(ctx.connection, ctx.run)
-    if state.get("set_project_version"):
+    if state.get("set_project_version") and runs.nothing_left(ctx.connection, ctx.run):
         # Label Studio shows annotators the predictions whose model_version equals the project's.
         ctx.client.projects.update(id=ctx.project, model_version=state["version"])
-    log.info("project %s: pre-annotation run %s done: %s", ctx.project, ctx.run, runs.progress_meta(state))
+    outcome = runs.try_finish(ctx.connection, ctx.run, ctx.project, state.get("version_key", runs.CURRENT))
+    if outcome == "done":
+        log.info(
+            "project %s: pre-annotation run %s done: %s",
+            ctx.project,
+            ctx.run,
+            runs.progress_meta(runs.state(ctx.connection, ctx.run)),
+        )
+    return outcome
