@@ -153,6 +153,30 @@ def test_imported_tasks_get_one_prediction_each_and_broken_images_are_retried(
     assert jobs.exit_code == 0 and "pre-p" in jobs.output and "100/100" in jobs.output, jobs.output
 
 
+def test_which_tasks_hold_a_version_is_exact_though_label_studio_matches_substrings(
+    label_studio: LabelStudio, documents: Path
+) -> None:
+    """Runs skip tasks that hold their version, asking Label Studio's version filter first ("...-v1" also finds
+    "...-v10" there) and comparing only those tasks' versions exactly."""
+    from types import SimpleNamespace
+
+    from label_studio_sdk import LabelStudio as Client
+
+    from workers.preannotate import _holding
+
+    project = new_project(label_studio, "which tasks hold a version")
+    ids = [t["id"] for t in import_images(label_studio, project, make_images(documents, "holding", 4))]
+    held = [(ids[0], "student-p9-v1"), (ids[1], "student-p9-v10"), (ids[2], "student-p9-v1"), (ids[2], "other")]
+    predictions = [{"task": task, "result": [], "score": 0.5, "model_version": version} for task, version in held]
+    label_studio.api("POST", f"/api/projects/{project}/import/predictions", json=predictions)
+    ctx = SimpleNamespace(client=Client(base_url=label_studio.url, api_key=TOKEN), project=project)
+    assert _holding(ctx, "student-p9-v1", None) == {ids[0], ids[2]}
+    assert _holding(ctx, "student-p9-v1", [ids[1], ids[2], ids[3]]) == {ids[2]}
+    assert _holding(ctx, "student-p9-v10", None) == {ids[1]}
+    assert _holding(ctx, "Student-P9-V1", None) == set()  # exact, whatever the database's LIKE does with case
+    assert _holding(ctx, "student-p9-v2", None) == set()
+
+
 def test_triggers_coalesce_into_one_live_run(redis_server) -> None:
     redis_server.flushall()
     first, status = runs.start_run(redis_server, 31, task_ids=[1, 2])

@@ -166,6 +166,7 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
         if scope != runs.WHOLE_PROJECT:
             wanted.update(int(t) for t in json.loads(scope))
     skip_annotated = ctx.settings.preannotate_skip_annotated
+    holding = _holding(ctx, version, None if whole else sorted(wanted))
     chunk: list[dict] = []
     made = considered = skipped = 0
 
@@ -187,7 +188,7 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
         if ctx.connection.sismember(key + ":planned", task["id"]):
             continue
         considered += 1
-        if version in task["versions"] or (skip_annotated and task["annotated"]):
+        if task["id"] in holding or (skip_annotated and task["annotated"]):
             skipped += 1
             continue
         chunk.append({"id": task["id"], "data": task["data"]})
@@ -203,31 +204,50 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
 
 
 def _tasks(ctx: RunContext, ids: list[int] | None):
-    """``{"id", "data", "versions", "annotated"}`` for the project's tasks (or just ``ids``), page by page."""
-    if ids is None:
-        pagers = [ctx.client.tasks.list(project=ctx.project, fields="all", page_size=_LIST_PAGE)]
-    else:  # just the named tasks (an import's), a few hundred per listing
-        pagers = [
-            ctx.client.tasks.list(
-                project=ctx.project,
-                query=json.dumps({"selectedItems": {"all": False, "included": ids[i : i + 500]}}),
-                fields="all",
-                page_size=_LIST_PAGE,
-            )
-            for i in range(0, len(ids), 500)
-        ]
+    """``{"id", "data", "annotated"}`` for the project's tasks (or just ``ids``), page by page.
+
+    Listed without their predictions: Label Studio would send every earlier proposal's RLE along
+    (:func:`_holding` says which tasks hold a version).
+    """
     seen = 0
-    for task in (task for pager in pagers for task in pager):
+    for task in _listing(ctx, ids, "task_only"):
         seen += 1
         if seen % _LIST_PAGE == 0:
             _beat(ctx)
-        versions = {_field(p, "model_version") for p in task.predictions or []}
-        yield {
-            "id": task.id,
-            "data": task.data,
-            "versions": versions,
-            "annotated": bool(task.total_annotations),
-        }
+        yield {"id": task.id, "data": task.data, "annotated": bool(task.total_annotations)}
+
+
+def _listing(ctx: RunContext, ids: list[int] | None, fields: str, filters: dict | None = None):
+    """The project's tasks (or just ``ids``, a few hundred per listing) in Label Studio's Data Manager."""
+    scopes = [None] if ids is None else [ids[i : i + 500] for i in range(0, len(ids), 500)]
+    for scope in scopes:
+        query: dict[str, Any] = {}
+        if scope is not None:
+            query["selectedItems"] = {"all": False, "included": scope}
+        if filters is not None:
+            query["filters"] = filters
+        yield from ctx.client.tasks.list(
+            project=ctx.project, fields=fields, page_size=_LIST_PAGE, **({"query": json.dumps(query)} if query else {})
+        )
+
+
+def _holding(ctx: RunContext, version: str, ids: list[int] | None) -> set[int]:
+    """The tasks (of ``ids``, or of the whole project) that hold a prediction of exactly ``version``.
+
+    Label Studio's filter on prediction versions (the Data Manager's own, a list of versions) lists the tasks
+    without their predictions, but matches substrings ("...-v1" also finds "...-v10"): only the tasks it finds
+    are listed again with their predictions and compared exactly.
+    """
+    versions = {"filter": "filter:tasks:predictions_model_versions", "operator": "contains", "type": "List"}
+    filters = {"conjunction": "and", "items": [{**versions, "value": [version]}]}
+    candidates = [task.id for task in _listing(ctx, ids, "task_only", filters)]
+    if not candidates:
+        return set()
+    return {
+        task.id
+        for task in _listing(ctx, candidates, "all")
+        if version in {_field(p, "model_version") for p in task.predictions or []}
+    }
 
 
 def _field(item: Any, name: str) -> Any:
@@ -296,8 +316,7 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
         failed = [t["id"] for t, p in zip(tasks, predictions) if p is None or p["model_version"] != version]
         ready = {t["id"]: p for t, p in zip(tasks, predictions) if p is not None and p["model_version"] == version}
         # Checked right before the import: another worker (or run) may have written the version meanwhile.
-        held = _versions(ctx, list(ready)) if ready else {}
-        done_already = {t for t in ready if version in held.get(t, set())}
+        done_already = _holding(ctx, version, list(ready)) if ready else set()
         entries = [
             {"task": t, "result": p["result"], "score": p["score"], "model_version": p["model_version"]}
             for t, p in ready.items()
@@ -339,13 +358,6 @@ def _give_back(ctx: RunContext, chunk: str, owner: str) -> None:
         pipe.hincrby(key, "done", len(tasks))
         pipe.hincrby(key, "failed", len(tasks))
         pipe.execute()
-
-
-def _versions(ctx: RunContext, task_ids: list[int]) -> dict[int, set[str]]:
-    """The prediction versions each task holds now, in one listing of just these tasks."""
-    query = json.dumps({"selectedItems": {"all": False, "included": task_ids}})
-    pager = ctx.client.tasks.list(project=ctx.project, query=query, fields="all", page_size=max(len(task_ids), 1))
-    return {task.id: {_field(p, "model_version") for p in task.predictions or []} for task in pager}
 
 
 def _try_finish(ctx: RunContext) -> str:
