@@ -59,7 +59,7 @@ from .vit_blocks import (
     transformer_block_with_attention,
 )
 
-CALIBRATED_MODES: tuple[str, ...] = ("scclip", "sfp")
+CALIBRATED_MODES: tuple[str, ...] = ("scclip", "sfp")  # RECIPES below says how they differ
 AFFINITY_THRESHOLD = 0.4
 AFFINITY_SHARPNESS = 3.0
 ROW_SUM_EPS = 1e-6
@@ -122,62 +122,85 @@ def layer_plan(depth: int) -> LayerPlan:
     )
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What distinguishes the two methods: the outlier detector, what becomes of an outlier with no usable
+    neighbour, whether ``G`` reads the thresholded affinities, and the softmax terms each branch averages
+    (``guide`` is ``softmax(G)``, ``kk`` and ``qq`` the key-key and query-query softmaxes)."""
+
+    detector: str  # "lof" or "attention"
+    isolated: str  # "keep" or "zero"
+    guide_thresholded: bool
+    main_terms: tuple[str, ...]
+    fused_terms: tuple[str, ...]
+
+
+RECIPES: dict[str, Recipe] = {
+    "scclip": Recipe("lof", "keep", False, ("guide", "kk"), ("guide", "kk")),
+    "sfp": Recipe("attention", "zero", True, ("kk", "qq", "guide"), ("guide",)),
+}
+
+
 def calibrated_dense(visual: VisionTransformer, pixels: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense features ``[B, D, h, w]`` and main-branch keys ``[B, width, h, w]`` in ``scclip`` or ``sfp`` mode."""
-    if mode not in CALIBRATED_MODES:
+    if mode not in RECIPES:
         raise InvalidOptionError(f"{mode!r} is not one of {', '.join(CALIBRATED_MODES)}.")
+    recipe = RECIPES[mode]
     x, grid = embed_tokens(visual, pixels)
-    blocks = visual.transformer.resblocks
-    depth = len(blocks)
-    plan = layer_plan(depth)
-    kept: dict[int, torch.Tensor] = {}
-    fused: torch.Tensor | None = None
-    attention: torch.Tensor | None = None
-    for index in range(depth - 1):
-        if mode == "sfp" and index == depth - 2:
-            x, attention = transformer_block_with_attention(blocks[index], x)
-        else:
-            x = run_block(visual, index, x)
-        if index in (plan.deep, plan.shallow):
-            kept[index] = x
-        if plan.fused_first <= index <= plan.fused_last:
-            fused = x if fused is None else fused + x
-    assert fused is not None  # layer_plan guarantees a non-empty range
+    plan = layer_plan(len(visual.transformer.resblocks))
+    x, kept, fused, attention = _middle_blocks(visual, x, plan, recipe.detector == "attention")
 
-    if mode == "scclip":
-        outliers = lof_outliers(x[:, 1:])
-        isolated = "keep"
-    else:
-        assert attention is not None
-        outliers = attention_outliers(attention)
-        isolated = "zero"
-    patches = fill_outliers(x[:, 1:], outliers, grid, isolated)
-    affinity = cosine_affinity(fill_outliers(kept[plan.deep][:, 1:], outliers, grid, isolated))
+    patches = x[:, 1:]
+    outliers = lof_outliers(patches) if attention is None else attention_outliers(attention)
+    patches = fill_outliers(patches, outliers, grid, recipe.isolated)
+    affinity = cosine_affinity(fill_outliers(kept[plan.deep][:, 1:], outliers, grid, recipe.isolated))
     thresholded = threshold_affinity(affinity)
-    guide = softmax_rows(sharpened(affinity if mode == "scclip" else thresholded))[:, None]
+    guide = softmax_rows(sharpened(thresholded if recipe.guide_thresholded else affinity))[:, None]
 
-    last = blocks[-1]
-    main = aggregate(thresholded, patches)
-    q, k, v = heads_qkv(last, last.ln_1(main))
-    scale = q.shape[-1] ** -0.5
-    key_key = torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1)
-    if mode == "scclip":
-        weights = (guide + key_key) / 2
-    else:
-        weights = (key_key + torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1) + guide) / 3
-    main = last.attn.out_proj(merge_heads(weights @ v)) + plan.cls_weight * x[:, :1]
-
-    _, fused_k, fused_v = heads_qkv(last, last.ln_1(fused[:, 1:]))
-    if mode == "scclip":
-        fused_weights = (guide + torch.softmax(fused_k @ fused_k.transpose(-2, -1) * scale, dim=-1)) / 2
-    else:
-        fused_weights = guide
-    side = last.attn.out_proj(merge_heads(fused_weights @ fused_v)) + plan.cls_weight * fused[:, :1]
+    last = visual.transformer.resblocks[-1]
+    q, k, v = heads_qkv(last, last.ln_1(aggregate(thresholded, patches)))
+    main = last.attn.out_proj(merge_heads(_attention(recipe.main_terms, q, k, guide) @ v))
+    fused_q, fused_k, fused_v = heads_qkv(last, last.ln_1(fused[:, 1:]))
+    side = last.attn.out_proj(merge_heads(_attention(recipe.fused_terms, fused_q, fused_k, guide) @ fused_v))
+    main = main + plan.cls_weight * x[:, :1]
+    side = side + plan.cls_weight * fused[:, :1]
 
     shallow = threshold_affinity(cosine_affinity(kept[plan.shallow][:, 1:]))
     out = aggregate(shallow, main) + aggregate(shallow, side)
     keys = last.attn.out_proj(merge_heads(k))
     return project_patches(visual, out, grid), to_map(keys, grid)
+
+
+def _middle_blocks(
+    visual: VisionTransformer, x: torch.Tensor, plan: LayerPlan, with_attention: bool
+) -> tuple[torch.Tensor, dict[int, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """Every block but the last: the last block's input, the outputs the plan keeps, the sum of its fused
+    range, and (``with_attention``) the head-averaged attention of the block before the last."""
+    depth = len(visual.transformer.resblocks)
+    kept: dict[int, torch.Tensor] = {}
+    fused = torch.zeros_like(x)
+    attention = None
+    for index in range(depth - 1):
+        if with_attention and index == depth - 2:
+            x, attention = transformer_block_with_attention(visual.transformer.resblocks[index], x)
+        else:
+            x = run_block(visual, index, x)
+        if index in (plan.deep, plan.shallow):
+            kept[index] = x
+        if plan.fused_first <= index <= plan.fused_last:
+            fused = fused + x
+    return x, kept, fused, attention
+
+
+def _attention(terms: tuple[str, ...], q: torch.Tensor, k: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+    """The mean of the named softmax terms over ``[B, H, N, d]`` queries and keys (``guide``: ``[B, 1, N, N]``)."""
+    scale = q.shape[-1] ** -0.5
+    parts = {
+        "guide": lambda: guide,
+        "kk": lambda: torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1),
+        "qq": lambda: torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1),
+    }
+    return sum(parts[term]() for term in terms) / len(terms)
 
 
 def cosine_affinity(tokens: torch.Tensor) -> torch.Tensor:
