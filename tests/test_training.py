@@ -72,6 +72,22 @@ def test_student_learns_from_20_annotated_scenes(segmenter: Segmenter, held_out:
     assert miou >= 0.8, f"held-out mIoU {miou:.3f}"
 
 
+def test_the_pixel_recipe_trains_a_clip_student_with_a_clip_pass_per_crop(segmenter: Segmenter) -> None:
+    """feature_grid=False, the paper's recipe kept for comparison: CLIP sees every augmented crop."""
+    train = [TrainingImage(*make_scene(i)) for i in range(6)]
+    calls = [0]
+    hook = segmenter.clip.visual.conv1.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    config = TrainConfig(iterations=12, batch_size=2, crop=64, lr=0.05, feature_grid=False)
+    steps = []
+    try:
+        net = train_student(segmenter, train, LABELS, config, progress=steps.append)
+    finally:
+        hook.remove()
+    assert len(steps) == 12 and all(np.isfinite(s["loss"]) for s in steps)
+    assert calls[0] >= 12  # the backbone ran for the crops of every step
+    assert not any(p.requires_grad for p in net.parameters())  # handed back frozen, as the grid recipe does
+
+
 def test_student_beats_the_noisy_teacher_it_learned_from(segmenter: Segmenter, held_out) -> None:
     """The MaskCLIP+ effect: trained only on a teacher's noisy pseudo-labels, the student beats the teacher."""
     train = [

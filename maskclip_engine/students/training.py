@@ -334,7 +334,9 @@ def _pixel_batches(
             maps.append(m)
         batch = _as_batch(maps, device, pixels=torch.stack(pixels).to(device))
         if student_reads_clip or (teaching and teacher.needs_clip):
-            batch.clip_features, batch.clip_keys = segmenter.dense_features_and_keys(segmenter.from_unit(batch.pixels))
+            features, keys = segmenter.dense_features_and_keys(segmenter.from_unit(batch.pixels))
+            # Made in inference mode; a student's first layer needs its input saved for backward: plain copies.
+            batch.clip_features, batch.clip_keys = features.clone(), keys.clone()
         return batch
 
     return make
