@@ -4,7 +4,8 @@
 ``work_run`` jobs (as many as there are chunks, up to a cap) take chunks until
 none are left, on whichever workers are free. Run state lives in Redis
 (:mod:`maskclip_service.preannotation_runs`, :mod:`maskclip_service.chunk_leases`): a killed worker
-loses at most its chunk, which another worker takes over once its lease expires.
+loses at most two chunks (one being predicted, one being imported), which other workers take over once
+their leases expire.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,31 +258,45 @@ def _field(item: Any, name: str) -> Any:
 
 # ------------------------------------------------------------------ working
 def work_run(project: int, run: str) -> dict[str, Any]:
-    """Take chunks of the run until none are left; predict, check, import each one."""
+    """Take chunks of the run until none are left; predict, check, import each one.
+
+    A chunk's import runs in the background while the next chunk is predicted (at most one import in
+    flight), so the worker's device and Label Studio's import work at the same time; the check for tasks
+    that already hold the version still comes right before each import.
+    """
     ctx = _context(project, run)
     job = get_current_job()
     owner = job.id if job is not None else f"local-{uuid.uuid4().hex[:8]}"
     lease_s = ctx.settings.preannotate_lease_s
     key = runs.state_key(run)
     waited_since = None
-    while True:
-        chunk = chunk_leases.claim(ctx.connection, run, owner, lease_s)
-        if chunk is None:
-            # Nothing to take; a chunk leased by another worker may still come back if that worker died.
-            if ctx.connection.hlen(key + ":leases") == 0:
-                break
-            waited_since = waited_since or time.monotonic()
-            if time.monotonic() - waited_since > lease_s + 5:
-                break
-            time.sleep(min(1.0, lease_s / 4))
-            continue
-        waited_since = None
-        try:
-            _work_chunk(ctx, chunk, owner)
-        except Exception:  # Label Studio or Redis failed mid-chunk: another attempt, here or elsewhere
-            log.exception("run %s: chunk %s failed", run, chunk)
-            _give_back(ctx, chunk, owner)
-        _update_job(runs.state(ctx.connection, run))
+    importing: tuple[str, Future] | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-import") as imports:
+        while True:
+            chunk = chunk_leases.claim(ctx.connection, run, owner, lease_s)
+            if chunk is None:
+                if importing is not None:  # ours first: a failed import gives its chunk back to the queue
+                    _settle(ctx, importing, owner)
+                    importing = None
+                    continue
+                # Nothing to take; a chunk leased by another worker may still come back if that worker died.
+                if ctx.connection.hlen(key + ":leases") == 0:
+                    break
+                waited_since = waited_since or time.monotonic()
+                if time.monotonic() - waited_since > lease_s + 5:
+                    break
+                time.sleep(min(1.0, lease_s / 4))
+                continue
+            waited_since = None
+            try:
+                predicted = _predict_chunk(ctx, chunk, owner)
+            except Exception:  # Label Studio or Redis failed mid-chunk: another attempt, here or elsewhere
+                log.exception("run %s: chunk %s failed", run, chunk)
+                _give_back(ctx, chunk, owner)
+                continue
+            if importing is not None:
+                _settle(ctx, importing, owner)
+            importing = (chunk, imports.submit(_import_chunk, ctx, predicted, owner))
     outcome = _try_finish(ctx)
     if outcome == "plan":
         runs.enqueue_job(ctx.connection, "plan_run", project, run, ctx.settings.queue_name)
@@ -289,7 +305,19 @@ def work_run(project: int, run: str) -> dict[str, Any]:
     return runs.progress_meta(state)
 
 
-def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
+@dataclass
+class _Predicted:
+    """A chunk's predictions, waiting for their import; ``stop`` ends the chunk's lease heartbeat."""
+
+    chunk: str
+    tasks: list[dict]
+    version: str
+    predictions: list[dict | None]
+    stop: threading.Event
+
+
+def _predict_chunk(ctx: RunContext, chunk: str, owner: str) -> _Predicted:
+    """Predict a leased chunk's tasks; its lease is renewed from now until its import ends."""
     key = runs.state_key(ctx.run)
     lease_s = ctx.settings.preannotate_lease_s
     stop = threading.Event()
@@ -306,6 +334,17 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
         predictions = list(
             ctx.predictor.predict_tasks(tasks, ctx.schema, str(ctx.project), requested=version, fetcher=ctx.fetcher)
         )
+    except BaseException:
+        stop.set()
+        raise
+    return _Predicted(chunk, tasks, version, predictions, stop)
+
+
+def _import_chunk(ctx: RunContext, predicted: _Predicted, owner: str) -> None:
+    """Import a chunk's predictions of the run's version that no task holds yet, count them, free the lease."""
+    key = runs.state_key(ctx.run)
+    chunk, tasks, version, predictions = predicted.chunk, predicted.tasks, predicted.version, predicted.predictions
+    try:
         # Only the run's version is imported: a prediction from another model (a student whose labels no longer
         # match falls back to MaskCLIP) would be imported again by every rerun, which checks for this version.
         for task, prediction in zip(tasks, predictions):
@@ -322,7 +361,7 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
             for t, p in ready.items()
             if t not in done_already
         ]
-        if not chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, lease_s):
+        if not chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, ctx.settings.preannotate_lease_s):
             log.warning("run %s: chunk %s was taken over by another worker; dropping this attempt", ctx.run, chunk)
             return
         if entries:
@@ -337,8 +376,19 @@ def _work_chunk(ctx: RunContext, chunk: str, owner: str) -> None:
             pipe.hset(key, "heartbeat", time.time())
             pipe.execute()
     finally:
-        stop.set()
+        predicted.stop.set()
     chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, None)
+
+
+def _settle(ctx: RunContext, importing: tuple[str, Future], owner: str) -> None:
+    """Wait for a chunk's import; a failed one goes back to the queue (another attempt, here or elsewhere)."""
+    chunk, future = importing
+    try:
+        future.result()
+    except Exception:  # Label Studio or Redis failed mid-import
+        log.exception("run %s: chunk %s failed", ctx.run, chunk)
+        _give_back(ctx, chunk, owner)
+    _update_job(runs.state(ctx.connection, ctx.run))
 
 
 def _give_back(ctx: RunContext, chunk: str, owner: str) -> None:
