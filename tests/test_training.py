@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -86,6 +87,32 @@ def test_the_pixel_recipe_trains_a_clip_student_with_a_clip_pass_per_crop(segmen
     assert len(steps) == 12 and all(np.isfinite(s["loss"]) for s in steps)
     assert calls[0] >= 12  # the backbone ran for the crops of every step
     assert not any(p.requires_grad for p in net.parameters())  # handed back frozen, as the grid recipe does
+
+
+def test_a_student_trained_in_bf16_learns_as_well(tiny_vit, tmp_path: Path, held_out) -> None:
+    """Where the backbone runs in bf16, so does the student's decoder in training (float32 weights, classifier
+    and loss): it clears the bar the float32 student clears on the same scenes."""
+    bf16 = Segmenter.from_pretrained(
+        str(tiny_vit.config), str(tiny_vit.state_dict), precision="bf16", cache_dir=tmp_path
+    )
+    bf16 = bf16.with_options(bf16.options.replace(short_side=256))
+    train = [TrainingImage(*make_scene(i)) for i in range(20)]
+    dtypes: set[torch.dtype] = set()
+    original = StudentNet.forward
+
+    def spy(net, pixels=None, clip_features=None):
+        dtypes.add(net.head.branches[0](clip_features).dtype)
+        return original(net, pixels, clip_features)
+
+    StudentNet.forward = spy  # type: ignore[method-assign]
+    try:
+        net = train_student(bf16, train, LABELS, dataclasses.replace(FAST, iterations=2))
+    finally:
+        StudentNet.forward = original  # type: ignore[method-assign]
+    assert dtypes == {torch.bfloat16} and all(p.dtype == torch.float32 for p in net.parameters())
+    net = train_student(bf16, train, LABELS, FAST)
+    miou = student_miou(bf16, net, held_out)
+    assert miou >= 0.8, f"held-out mIoU {miou:.3f}"
 
 
 def test_student_beats_the_noisy_teacher_it_learned_from(segmenter: Segmenter, held_out) -> None:

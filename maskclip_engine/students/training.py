@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -201,7 +202,7 @@ def train_student(
             group["lr"] = config.lr * (1 - step / config.iterations) ** config.power
         phase = "teacher" if step < switch else "self-training"
         batch = make_batch(phase == "teacher")
-        loss = _step(net, optimizer, teacher, batch, phase)
+        loss = _step(net, optimizer, teacher, batch, phase, segmenter.clip.autocast)
         if progress is not None:
             progress(
                 {
@@ -216,18 +217,33 @@ def train_student(
     return net
 
 
-def _step(net: StudentNet, optimizer: torch.optim.Optimizer, teacher: Teacher, batch: Batch, phase: str) -> float:
-    """One SGD step on ``batch``; returns the loss."""
+def _step(
+    net: StudentNet,
+    optimizer: torch.optim.Optimizer,
+    teacher: Teacher,
+    batch: Batch,
+    phase: str,
+    precision: Callable[[], AbstractContextManager],
+) -> float:
+    """One SGD step on ``batch``; returns the loss.
+
+    The student's forward passes run under ``precision`` (the CLIP backbone's autocast: bf16 where the chip
+    computes it natively), as the student will serve; its classifier, the loss, the gradients' accumulation
+    into the float32 weights and the teacher stay float32.
+    """
     with torch.no_grad():
         if phase == "teacher":
             pseudo = teacher.pseudo_labels(batch)
         else:
             net.eval()
-            pseudo = _upsampled(net(batch.pixels, batch.clip_features), batch.size).argmax(1)
+            with precision():
+                pseudo = _upsampled(net(batch.pixels, batch.clip_features), batch.size).argmax(1)
             net.train()
     target = torch.where(batch.human >= 0, batch.human, pseudo)
     target = torch.where(batch.valid, target, IGNORE)
-    logits = _upsampled(net(batch.pixels, batch.clip_features), batch.size)
+    with precision():
+        logits = net(batch.pixels, batch.clip_features)
+    logits = _upsampled(logits.float(), batch.size)
     loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
     optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
