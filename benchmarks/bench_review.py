@@ -13,6 +13,7 @@ Random ViT-B-16 weights: the students learn the scenes from their own
 annotations, so the review's judges are as good as this data makes them.
 
     .venv/bin/python benchmarks/bench_review.py [--annotated 60] [--unannotated 20] [--share 0.15] [--short-side 224]
+        [--kinds swap,missing,dilate]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=224)
     parser.add_argument("--iterations", type=int, default=200, help="steps of each fold student")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="error kinds to inject, comma-separated")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -72,7 +74,7 @@ def main() -> None:
     config = ReviewConfig(iterations=args.iterations)
     plain = [TrainingImage(item.image, features=item.features) for item in images[args.annotated :]]
     rows, review_seconds = [], []
-    for kind in KINDS:
+    for kind in args.kinds.split(","):
         wrong = set(rng.choice(args.annotated, count, replace=False).tolist())
         items = [
             TrainingImage(

@@ -15,7 +15,8 @@ Then confident learning (Northcutt, Jiang and Chuang, JAIR 2021), per pixel:
   probability reaches their threshold there, the likeliest is another label
   ``j`` (the "confident joint" off its diagonal): ``j`` is what the models expect;
 * in a project whose annotations label (nearly) every pixel, an unlabelled
-  pixel where some label reaches its threshold is suspect too: a missing region.
+  pixel is suspect too (a missing region), and the label it lacks is the
+  judges' likeliest there, whether or not it reaches its threshold.
 
 Each annotation's per-label suspect fraction looks from both sides of a label
 (see :func:`judge_annotation`); its quality score is one minus the largest
@@ -146,7 +147,11 @@ def suspect_pixels(
     annotated = truth >= 0
     suspect = annotated & (expected >= 0) & (expected != truth)
     if missing:
-        suspect |= ~annotated & (expected >= 0)
+        # Where annotations label every pixel, an unlabelled pixel is a mistake whatever the judges' confidence;
+        # the label it lacks is their likeliest there (no threshold: no annotated label competes with it).
+        hole = ~annotated
+        expected = np.where(hole, values.argmax(0), expected)
+        suspect |= hole
     return suspect, expected
 
 
