@@ -101,6 +101,7 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="bench-training-"))
     store = FeatureSource(None, FeatureStore(folder / "features", 1 << 40))
+    torch.manual_seed(0)  # the same random weights in every run, so runs compare
     segmenter = Segmenter.from_pretrained(args.model, "random", args.device, features=store)
     labels = LabelSet.parse(CLASSES)
     config = TrainConfig()
