@@ -52,6 +52,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    torch.manual_seed(0)  # the same random weights in every run, so runs compare
     segmenter = Segmenter.from_pretrained(args.model, "random", args.device)
     segmenter = segmenter.with_options(segmenter.options.replace(short_side=args.short_side))
     labels = LabelSet.parse(CLASSES)
