@@ -70,12 +70,12 @@ def main() -> None:
         f"{args.short_side} (encoded once in {encoded:.0f} s), {args.share:.0%} of the annotations wrong per run, "
         f"fold students {args.iterations} steps\n"
     )
-    rng = np.random.default_rng(0)
     count = max(1, round(args.share * args.annotated))
     config = ReviewConfig(iterations=args.iterations)
     plain = [TrainingImage(item.image, features=item.features) for item in images[args.annotated :]]
     rows, review_seconds = [], []
     for kind in args.kinds.split(","):
+        rng = np.random.default_rng(KINDS.index(kind))  # each kind's own draw: the same whichever kinds run
         wrong = set(rng.choice(args.annotated, count, replace=False).tolist())
         items = [
             TrainingImage(
