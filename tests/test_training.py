@@ -200,3 +200,37 @@ def test_registry_versions_and_activation(segmenter: Segmenter, tmp_path: Path) 
     pointer = json.loads((registry.folder(12) / "active.json").read_text())
     assert pointer == {"version": "student-p12-v1", "file": "v1.pt"}
     assert registry.versions(99) == [] and registry.active(99) is None
+
+
+@pytest.mark.parametrize(
+    ("annotated", "plain", "share", "expected"),
+    [(4, 36, 0.5, 0.5), (4, 36, 0.0, 0.1), (30, 10, 0.5, 0.75), (5, 0, 0.5, 1.0), (0, 5, 0.5, 0.0)],
+)
+def test_batches_draw_annotated_images_at_least_their_share(annotated, plain, share, expected) -> None:
+    from maskclip_engine.students.training import _sampler
+
+    blank = np.zeros((8, 8, 3), dtype=np.uint8)
+    images = [TrainingImage(blank, np.zeros((8, 8), dtype=np.int64)) for _ in range(annotated)]
+    images += [TrainingImage(blank) for _ in range(plain)]
+    pick = _sampler(images, share, np.random.default_rng(0))
+    picks = [pick() for _ in range(4000)]
+    drawn = np.mean([images[i].labels is not None for i in picks])
+    assert abs(drawn - expected) < 0.03, drawn
+    assert set(picks) == set(range(len(images)))  # every image of each kind comes up, in passes of its own
+
+
+def test_a_few_annotations_are_not_drowned_by_many_pseudo_labelled_images(segmenter: Segmenter, held_out) -> None:
+    """4 annotated scenes among 36 unannotated ones whose only labels come from a teacher that paints each
+    image one class (as MaskCLIP with prompt denoising does on weights that see nothing): drawn as half of
+    each batch, the annotations still teach the student."""
+    annotated = [TrainingImage(*make_scene(i)) for i in range(4)]
+    plain = []
+    for i in range(36):
+        image, labels = make_scene(100 + i)
+        plain.append(TrainingImage(image, hint=np.full_like(labels, i % len(CLASSES))))
+    config = dataclasses.replace(FAST, self_training_after=1.0)
+    balanced = train_student(segmenter, annotated + plain, LABELS, config, teacher=MapTeacher())
+    uniform = train_student(
+        segmenter, annotated + plain, LABELS, dataclasses.replace(config, annotated_share=0.0), teacher=MapTeacher()
+    )
+    assert student_miou(segmenter, balanced, held_out) > student_miou(segmenter, uniform, held_out) + 0.1

@@ -62,6 +62,9 @@ class TrainConfig:
     # clip students train on stored feature grids; False trains them on pixel crops with a CLIP pass per step
     # (the paper's recipe: photometric distortion and true rescaling, at the cost of the backbone every step).
     feature_grid: bool = True
+    # Of each batch, at least this share comes from annotated images when a project has both kinds, so a few
+    # annotations are not drowned by many pseudo-labelled images (0: draw every image alike).
+    annotated_share: float = 0.5
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class TrainConfig:
             raise InvalidOptionError(f"crop {self.crop} must be a multiple of 32.")
         if not 0 <= self.self_training_after <= 1:
             raise InvalidOptionError("self_training_after is a fraction of the schedule, between 0 and 1.")
+        if not 0 <= self.annotated_share <= 1:
+            raise InvalidOptionError("annotated_share is a share of each batch, between 0 and 1.")
         for name in ("scale_range", "grid_scale_range"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -252,14 +257,23 @@ def _step(
     return loss.item()
 
 
-def _sampler(count: int, rng: np.random.Generator) -> Callable[[], int]:
-    """Image indices in shuffled passes over the data set."""
-    order: list[int] = []
+def _sampler(images: Sequence[TrainingImage], share: float, rng: np.random.Generator) -> Callable[[], int]:
+    """Image indices, each kind (annotated, not) in shuffled passes of its own.
+
+    A pick comes from the annotated images with probability ``share``, or their share of the data set where
+    that is larger; from either kind alone when the other is missing.
+    """
+    annotated = [i for i, item in enumerate(images) if item.labels is not None]
+    plain = [i for i, item in enumerate(images) if item.labels is None]
+    chance = max(share, len(annotated) / max(1, len(images))) if annotated and plain else float(bool(annotated))
+    orders: dict[bool, list[int]] = {True: [], False: []}
 
     def pick() -> int:
-        if not order:
-            order.extend(rng.permutation(count).tolist())
-        return order.pop()
+        side = bool(rng.random() < chance)
+        if not orders[side]:
+            pool = annotated if side else plain
+            orders[side].extend(pool[i] for i in rng.permutation(len(pool)))
+        return orders[side].pop()
 
     return pick
 
@@ -299,7 +313,7 @@ def _grid_batches(
         grids.append((grid_features.half(), grid_keys.half(), _label_stack(item, features.resized), features.stride))
     # Crops never larger than the smallest grid: a crop that is mostly padding teaches nothing.
     cells = min(config.crop // segmenter.stride, *(min(g.shape[-2:]) for g, *_ in grids))
-    pick = _sampler(len(grids), rng)
+    pick = _sampler(images, config.annotated_share, rng)
 
     def make(_teaching: bool) -> Batch:
         feature_crops, key_crops, maps = [], [], []
@@ -339,7 +353,7 @@ def _pixel_batches(
     ``clip`` student trained this way needs CLIP's features of every crop."""
     device = segmenter.clip.device
     augment_config = AugmentConfig(crop=config.crop, base_short_side=config.crop, scale_range=config.scale_range)
-    pick = _sampler(len(images), rng)
+    pick = _sampler(images, config.annotated_share, rng)
 
     def make(teaching: bool) -> Batch:
         pixels, maps = [], []
