@@ -16,7 +16,9 @@ Then confident learning (Northcutt, Jiang and Chuang, JAIR 2021), per pixel:
   ``j`` (the "confident joint" off its diagonal): ``j`` is what the models expect;
 * in a project whose annotations label (nearly) every pixel, an unlabelled
   pixel is suspect too (a missing region), and the label it lacks is the
-  judges' likeliest there, whether or not it reaches its threshold.
+  judges' likeliest there, whether or not it reaches its threshold. An
+  unlabelled region wider than a gap between brush strokes makes its
+  annotation surely wrong, whatever label the judges expect there.
 
 Each annotation's per-label suspect fraction looks from both sides of a label
 (see :func:`judge_annotation`); its quality score is one minus the largest
@@ -50,12 +52,15 @@ class ReviewConfig:
     lr: float = 0.01
     min_fraction: float = 0.002  # a label covering less of an image is not scored for it
     full_coverage: float = 0.95  # annotations labelling this share of their pixels on average: unlabelled = missing
+    gap: float = 0.02  # there, unlabelled strips narrower than this share of the short side are gaps between strokes
     flag_below: float = 0.5  # annotations scoring below this are flagged as probably wrong
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.folds < 2:
             raise InvalidOptionError("a review needs at least 2 folds, so that no image is judged by its own model.")
+        if not 0 <= self.gap < 1:
+            raise InvalidOptionError("gap is a share of the image's short side, between 0 and 1.")
 
 
 @dataclass
@@ -155,6 +160,20 @@ def suspect_pixels(
     return suspect, expected
 
 
+def unpainted_regions(truth: np.ndarray, gap: float) -> np.ndarray:
+    """The unlabelled pixels of ``truth`` (-1) left after a morphological opening that removes strips narrower
+    than ``gap`` of the short side: regions nobody painted, not the gaps between brush strokes."""
+    size = 2 * round(gap * min(truth.shape) / 2) + 1  # odd, so the opening stays centred
+    hole = torch.from_numpy(truth < 0)[None, None].float()
+    if size <= 1:
+        return hole[0, 0].numpy() > 0
+
+    def dilate(mask: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(mask, size, stride=1, padding=size // 2)
+
+    return dilate(1 - dilate(1 - hole))[0, 0].numpy() > 0  # erode, then dilate
+
+
 def judge_annotation(
     index: int,
     truth: np.ndarray,
@@ -163,6 +182,7 @@ def judge_annotation(
     names: Sequence[str],
     config: ReviewConfig,
     judge: str,
+    unpainted: np.ndarray | None = None,
 ) -> AnnotationReview:
     """Per-label suspect fractions and the quality score of one annotation.
 
@@ -172,6 +192,10 @@ def judge_annotation(
     score is one minus the worst fraction, among labels covering at least
     ``min_fraction`` of the image either way: a region given the wrong label
     is nearly all suspect from the side of the label it should have had.
+
+    ``unpainted`` (in projects that label every pixel, :func:`unpainted_regions`): a region left unlabelled,
+    at least ``min_fraction`` of the image, is wholly suspect for the label the judges expect there most, so
+    its annotation scores 0 even where the judges mistake the missing object for its surroundings.
     """
     fractions: dict[str, float] = {}
     expects: dict[str, str] = {}
@@ -189,6 +213,9 @@ def judge_annotation(
         worst = max(worst, fractions[name])
         if given_wrongly.any():
             expects[name] = names[int(np.bincount(expected[given_wrongly], minlength=len(names)).argmax())]
+    if unpainted is not None and unpainted.sum() >= floor:
+        lacking = names[int(np.bincount(expected[unpainted], minlength=len(names)).argmax())]
+        fractions[lacking] = worst = 1.0
     return AnnotationReview(index, round(1.0 - worst, 4), fractions, expects, suspect, expected, judge)
 
 
@@ -215,7 +242,10 @@ def review_annotations(
     reviews = []
     for index, (probs, truth) in enumerate(zip(probabilities, truths)):
         suspect, expected = suspect_pixels(probs, truth, thresholds, missing)  # type: ignore[arg-type]
-        reviews.append(judge_annotation(index, truth, suspect, expected, labels.names, config, judge))  # type: ignore[arg-type]
+        unpainted = unpainted_regions(truth, config.gap) if missing else None  # type: ignore[arg-type]
+        reviews.append(
+            judge_annotation(index, truth, suspect, expected, labels.names, config, judge, unpainted)  # type: ignore[arg-type]
+        )
         if progress:
             progress({"phase": "judging", "judged": index + 1, "annotations": len(items)})
     return sorted(reviews, key=lambda r: (r.score, r.index))

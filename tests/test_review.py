@@ -17,6 +17,7 @@ from maskclip_engine.review import (
     label_thresholds,
     review_annotations,
     suspect_pixels,
+    unpainted_regions,
 )
 from maskclip_engine.review_report import ReviewedItem, latest_review, mark_latest, new_review_folder, write_report
 from maskclip_engine.students.training import TrainingImage
@@ -111,6 +112,32 @@ def test_confident_learning_on_hand_built_probabilities() -> None:
     holes = np.array([[0, -1, 1, 1]])
     assert not suspect_pixels(probs, holes, thresholds, missing=False)[0][0, 1]
     assert suspect_pixels(probs, holes, thresholds, missing=True)[0][0, 1]
+
+
+def test_an_unpainted_region_is_surely_wrong_even_where_the_judges_see_its_surroundings() -> None:
+    """In a project that labels every pixel, a region left unlabelled scores 0 though the judges expect the
+    background there (they mistook the missing object for it); a gap between brush strokes does not."""
+    truth = np.zeros((100, 100), dtype=np.int64)
+    truth[:, 60:] = 1
+    truth[20:40, 10:30] = -1  # a 20x20 region nobody painted
+    truth[70:, 59:61] = -1  # a 2-pixel gap along the border between two strokes
+    holes = unpainted_regions(truth, ReviewConfig().gap)
+    assert holes.sum() == 400 and holes[20:40, 10:30].all()
+    probs = torch.zeros(2, 100, 100)
+    probs[0, :, :60], probs[1, :, 60:] = 0.9, 0.9  # the judges see only the two annotated labels
+    probs[1, :, :60], probs[0, :, 60:] = 0.1, 0.1
+    thresholds = np.array([0.5, 0.5])
+    suspect, expected = suspect_pixels(probs, truth, thresholds, missing=True)
+    names, config = ["ground", "grass"], ReviewConfig()
+    review = judge_annotation(0, truth, suspect, expected, names, config, "students", holes)
+    assert review.score == 0 and review.labels["ground"] == 1.0  # the label the judges expect in the region
+    assert suspect[20:40, 10:30].all()
+    # The same annotation with only the gap: a few suspect pixels, no verdict.
+    truth[20:40, 10:30] = 0
+    holes = unpainted_regions(truth, config.gap)
+    assert not holes.any()
+    suspect, expected = suspect_pixels(probs, truth, thresholds, missing=True)
+    assert judge_annotation(0, truth, suspect, expected, names, config, "students", holes).score > 0.9
 
 
 def test_the_report_lists_suspects_first_and_pictures_them(reviewed, tmp_path: Path) -> None:
