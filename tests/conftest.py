@@ -47,13 +47,16 @@ def tiny_vit12(models_dir: Path) -> TinyModel:
     return make_tiny_model("tiny-vit-12", models_dir)
 
 
+def _fp32_segmenter(model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
+    # float32: these tests compare paths exactly; tests/test_precision.py covers bf16 and "auto"
+    cache = tmp_path_factory.mktemp("cache")
+    return Segmenter.from_pretrained(str(model.config), str(model.state_dict), precision="fp32", cache_dir=cache)
+
+
 @pytest.fixture(scope="session")
 def vit12_segmenter(tiny_vit12: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    """A tiny ViT with ViT-B/16's 12 blocks, float32: the dense modes that read middle blocks run on it."""
-    cache = tmp_path_factory.mktemp("cache")
-    return Segmenter.from_pretrained(
-        str(tiny_vit12.config), str(tiny_vit12.state_dict), precision="fp32", cache_dir=cache
-    )
+    """A tiny ViT with ViT-B/16's 12 blocks: the dense modes that read middle blocks run on it."""
+    return _fp32_segmenter(tiny_vit12, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -63,16 +66,12 @@ def tiny_rn(models_dir: Path) -> TinyModel:
 
 @pytest.fixture(scope="session")
 def vit_segmenter(tiny_vit: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    cache = tmp_path_factory.mktemp("cache")
-    # float32: these tests compare paths exactly; tests/test_precision.py covers bf16 and "auto"
-    return Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), precision="fp32", cache_dir=cache)
+    return _fp32_segmenter(tiny_vit, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def rn_segmenter(tiny_rn: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> Segmenter:
-    cache = tmp_path_factory.mktemp("cache")
-    # float32: these tests compare paths exactly; tests/test_precision.py covers bf16 and "auto"
-    return Segmenter.from_pretrained(str(tiny_rn.config), str(tiny_rn.state_dict), precision="fp32", cache_dir=cache)
+    return _fp32_segmenter(tiny_rn, tmp_path_factory)
 
 
 def scene(height: int = 96, width: int = 160, seed: int = 0) -> np.ndarray:
