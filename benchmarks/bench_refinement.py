@@ -29,9 +29,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maskclip_engine import Segmenter  # noqa: E402
+from maskclip_engine.head.pamr import refine_against_image  # noqa: E402
+from maskclip_engine.head.refinement import Refined  # noqa: E402
 from maskclip_engine.images import resized_shape  # noqa: E402
-from maskclip_engine.pamr import refine_against_image  # noqa: E402
-from maskclip_engine.refinement import Refined  # noqa: E402
 from maskclip_engine.result import result_from_probabilities  # noqa: E402
 from tests.scenes import make_scene  # noqa: E402
 

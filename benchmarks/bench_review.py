@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
-from maskclip_engine.review import ReviewConfig, review_annotations  # noqa: E402
+from maskclip_engine.review.confident_learning import ReviewConfig, review_annotations  # noqa: E402
 from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student  # noqa: E402
 from tests.scenes import CLASSES, make_scene  # noqa: E402
 from tests.test_review import inject  # noqa: E402

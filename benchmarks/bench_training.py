@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from maskclip_engine import LabelSet, Segmenter  # noqa: E402
-from maskclip_engine.feature_source import FeatureSource  # noqa: E402
-from maskclip_engine.feature_store import FeatureStore  # noqa: E402
+from maskclip_engine.features.source import FeatureSource  # noqa: E402
+from maskclip_engine.features.store import FeatureStore  # noqa: E402
 from maskclip_engine.students.checkpoint import StudentCheckpoint  # noqa: E402
 from maskclip_engine.students.gate import judge  # noqa: E402
 from maskclip_engine.students.network import StudentConfig  # noqa: E402

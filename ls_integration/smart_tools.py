@@ -12,7 +12,7 @@ the ordinary ``/predict`` fills it when a task is opened. A task that was
 pre-annotated by the workers never gets that ``/predict``, so its first
 gesture builds the state from the feature store, where pre-annotation left the
 image's backbone output: no backbone pass either way. The region logic is
-:mod:`maskclip_engine.interactive`.
+:mod:`maskclip_engine.regions`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from maskclip_engine import LabelSet, SegmentationResult, Segmenter
-from maskclip_engine.dense_state import DenseState
-from maskclip_engine.feature_cache import FeatureCache
-from maskclip_engine.image_features import FeatureKey
-from maskclip_engine.interactive import Gestures, InteractiveMask, interactive_mask
+from maskclip_engine.features.cache import FeatureCache
+from maskclip_engine.features.dense_state import DenseState
+from maskclip_engine.features.image_features import FeatureKey
+from maskclip_engine.regions import Gestures, InteractiveMask, interactive_mask
 from maskclip_engine.students.serving import StudentSegmenter
 
 from .errors import BadRequestError

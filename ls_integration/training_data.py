@@ -11,7 +11,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
-from maskclip_engine.image_features import ImageFeatures
+from maskclip_engine.features.image_features import ImageFeatures
 from maskclip_engine.students.training import TrainingImage
 
 from .auth import LabelStudioAuth

@@ -12,8 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import ModelSpec, SegmentOptions
-from .errors import (
+from maskclip_engine.config import ModelSpec, SegmentOptions
+from maskclip_engine.errors import (
     InvalidImageError,
     InvalidLabelsError,
     InvalidOptionError,
@@ -24,16 +24,16 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .labels import LabelSet
-    from .loading import LoadedClip, load_clip
-    from .result import SegmentationResult
-    from .segmenter import Segmenter
-    from .templates import MASKCLIP_TEMPLATES
+    from maskclip_engine.backbone.loading import LoadedClip, load_clip
+    from maskclip_engine.backbone.templates import MASKCLIP_TEMPLATES
+    from maskclip_engine.labels import LabelSet
+    from maskclip_engine.result import SegmentationResult
+    from maskclip_engine.segmenter import Segmenter
 
 _LAZY = {
-    "LoadedClip": "loading",
-    "load_clip": "loading",
-    "MASKCLIP_TEMPLATES": "templates",
+    "LoadedClip": "backbone.loading",
+    "load_clip": "backbone.loading",
+    "MASKCLIP_TEMPLATES": "backbone.templates",
     "LabelSet": "labels",
     "SegmentationResult": "result",
     "Segmenter": "segmenter",

@@ -1,3 +1,3 @@
-from .cli import main
+from maskclip_engine.cli.main import main
 
 main()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import InvalidOptionError
+from maskclip_engine.errors import InvalidOptionError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Mode = Literal["whole", "slide"]
@@ -40,7 +40,7 @@ class ModelSpec:
     picks CUDA when present. ``quick_gelu=None`` follows the weights: OpenAI
     weights were trained with QuickGELU, most others with GELU. ``precision``
     ``auto`` runs the image backbone in bf16 where the chip computes bf16
-    natively, else fp32 (see :mod:`maskclip_engine.precision`).
+    natively, else fp32 (see :mod:`maskclip_engine.backbone.precision`).
     """
 
     model: str = "ViT-B-16"
@@ -80,7 +80,7 @@ class SegmentOptions:
     inside each window and averages the windows' outputs (mmseg's slide
     inference). ``pamr`` refines the upsampled probabilities against the image's
     colours for ``pamr_iterations`` steps, on a grid of ``pamr_stride`` pixels of
-    the resized image (see :mod:`maskclip_engine.pamr`).
+    the resized image (see :mod:`maskclip_engine.head.pamr`).
     """
 
     mode: Mode = "whole"

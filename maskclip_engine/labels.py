@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidLabelsError
+from maskclip_engine.errors import InvalidLabelsError
 
 LabelInput = str | Sequence[str]
 

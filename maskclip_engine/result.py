@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .acquisition import acquisition_scores
+from maskclip_engine.task_scores import acquisition_scores
 
 # Upsampling works on this many class-pixels at a time, so large images with
 # many labels never need a full [C, H, W] tensor.
@@ -25,7 +25,7 @@ class SegmentationResult:
     ``scores[i]`` is the mean confidence over the pixels of ``labels[i]`` (0 if
     it has none). ``dropped`` lists the labels prompt denoising found absent.
     ``task_scores`` are the image's acquisition scores (lower: more worth
-    annotating; see :mod:`maskclip_engine.acquisition`).
+    annotating; see :mod:`maskclip_engine.task_scores`).
     """
 
     labels: list[str]

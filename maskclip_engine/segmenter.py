@@ -1,8 +1,8 @@
 """The public entry point: zero-shot segmentation of images into a label set.
 
 A segmentation is two steps: the backbone turns an image into label-independent
-:class:`~maskclip_engine.image_features.ImageFeatures` (the expensive part,
-looked up first in the segmenter's :class:`~maskclip_engine.feature_source.FeatureSource`),
+:class:`~maskclip_engine.features.image_features.ImageFeatures` (the expensive part,
+looked up first in the segmenter's :class:`~maskclip_engine.features.source.FeatureSource`),
 then the head scores them against the labels' text embeddings and refines the
 result (cheap). :meth:`Segmenter.encode` and :meth:`Segmenter.segment_features`
 run the steps one at a time; :meth:`Segmenter.segment` runs both.
@@ -19,20 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .calibrated_dense import CALIBRATED_MODES, layer_plan
-from .config import ModelSpec, SegmentOptions
-from .dense import dense_features
-from .dense_state import DenseState
-from .errors import InvalidOptionError
-from .feature_source import FeatureSource
-from .image_features import FeatureKey, ImageFeatures, Window, image_digest
-from .images import resized_shape, to_rgb_array, window_starts
-from .labels import LabelInput, LabelSet
-from .loading import LoadedClip, load_clip
-from .pamr import refine_against_image
-from .refinement import Refined, average_windows, refine_with_options, window_output
-from .result import SegmentationResult, result_from_probabilities
-from .text import TextEmbedder
+from maskclip_engine.backbone.loading import LoadedClip, load_clip
+from maskclip_engine.backbone.text import TextEmbedder
+from maskclip_engine.config import ModelSpec, SegmentOptions
+from maskclip_engine.dense.calibrated import CALIBRATED_MODES, layer_plan
+from maskclip_engine.dense.modes import dense_features
+from maskclip_engine.errors import InvalidOptionError
+from maskclip_engine.features.dense_state import DenseState
+from maskclip_engine.features.image_features import FeatureKey, ImageFeatures, Window, image_digest
+from maskclip_engine.features.source import FeatureSource
+from maskclip_engine.head.pamr import refine_against_image
+from maskclip_engine.head.refinement import Refined, average_windows, refine_with_options, window_output
+from maskclip_engine.images import resized_shape, to_rgb_array, window_starts
+from maskclip_engine.labels import LabelInput, LabelSet
+from maskclip_engine.result import SegmentationResult, result_from_probabilities
 
 
 def label_logits(features: torch.Tensor, text: torch.Tensor, owner: torch.Tensor, num_labels: int) -> torch.Tensor:
@@ -340,7 +340,7 @@ class Segmenter:
         """``segment`` plus the image's dense state, from one backbone pass (or none, from the feature source).
 
         The state answers later clicks, boxes and phrases on this image (see
-        :mod:`maskclip_engine.interactive`): windows averaged on the grid
+        :mod:`maskclip_engine.regions`): windows averaged on the grid
         whatever the slide refinement, label probabilities refined once over
         the whole grid.
         """

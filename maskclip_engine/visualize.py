@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .result import SegmentationResult
+from maskclip_engine.result import SegmentationResult
 
 UNLABELED_8BIT = 255
 UNLABELED_16BIT = 65535

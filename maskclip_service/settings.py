@@ -228,10 +228,10 @@ class Settings:
         """The MaskCLIP model these settings name, with the feature store. It loads weights: build it once per
         process. ``memory_mb`` sizes the in-memory feature level (default: ``feature_cache_mb``)."""
         from maskclip_engine import ModelSpec, Segmenter, load_clip
-        from maskclip_engine.feature_cache import FeatureCache
-        from maskclip_engine.feature_source import FeatureSource
-        from maskclip_engine.feature_store import FeatureStore
-        from maskclip_engine.text import TextEmbedder
+        from maskclip_engine.backbone.text import TextEmbedder
+        from maskclip_engine.features.cache import FeatureCache
+        from maskclip_engine.features.source import FeatureSource
+        from maskclip_engine.features.store import FeatureStore
 
         clip = load_clip(
             ModelSpec(

@@ -23,9 +23,9 @@ from benchmarks.bench_active_learning import (
 from ls_integration.label_config import parse_label_config
 from ls_integration.predictor import Predictor
 from maskclip_engine import LabelSet, SegmentOptions
-from maskclip_engine.acquisition import KINDS, acquisition_scores
 from maskclip_engine.students.network import StudentConfig
 from maskclip_engine.students.training import TrainConfig
+from maskclip_engine.task_scores import KINDS, acquisition_scores
 from maskclip_service.errors import ConfigurationError
 from maskclip_service.settings import Settings
 from tests.conftest import scene

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from maskclip_engine import InvalidOptionError, Segmenter
-from maskclip_engine.calibrated_dense import LayerPlan, calibrated_dense, layer_plan
-from maskclip_engine.outlier_tokens import attention_outliers, fill_outliers, lof_outliers
+from maskclip_engine.dense.calibrated import LayerPlan, calibrated_dense, layer_plan
+from maskclip_engine.dense.outlier_tokens import attention_outliers, fill_outliers, lof_outliers
 from tests.test_dense import layer_norm, resized_tower
 
 # ----------------------------------------------------------------- reference

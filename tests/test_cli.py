@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from maskclip_engine.cli import main
+from maskclip_engine.cli.main import main
 from maskclip_engine.visualize import palette
 from tests.conftest import scene
 from tests.tiny_models import TinyModel

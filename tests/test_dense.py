@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from maskclip_engine import InvalidImageError, Segmenter, vit_blocks
+from maskclip_engine import InvalidImageError, Segmenter
+from maskclip_engine.backbone import vit_blocks
 
 
 def layer_norm(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
@@ -208,7 +209,7 @@ def test_training_free_modes_match_references(vit_segmenter: Segmenter, mode: st
 
 
 def test_naclip_bias_depends_on_patch_distance() -> None:
-    from maskclip_engine.dense import neighbourhood_bias
+    from maskclip_engine.dense.modes import neighbourhood_bias
 
     bias = neighbourhood_bias((3, 4), sigma=5.0)
     assert bias.shape == (13, 13)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from maskclip_engine import Segmenter
-from maskclip_engine.evaluation import EvalConfig
+from maskclip_engine.evaluation.evaluate import EvalConfig
 from maskclip_engine.miou import confusion_matrix, scores
 from tests.scenes import CLASSES, make_scene
 from tests.test_evaluation import run_eval, write_voc

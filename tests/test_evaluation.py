@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from maskclip_engine import Segmenter
-from maskclip_engine.cli import main
-from maskclip_engine.evaluation import VOC_CLASSES, EvalConfig
+from maskclip_engine.cli.main import main
+from maskclip_engine.evaluation.evaluate import VOC_CLASSES, EvalConfig
 from maskclip_engine.miou import confusion_matrix, scores
 from maskclip_engine.visualize import palette as colours
 from tests.scenes import CLASSES, make_scene
@@ -156,7 +156,7 @@ def test_eval_rejects_a_folder_that_is_not_voc(tmp_path: Path) -> None:
 
 
 def test_reduce_zero_label(tmp_path: Path) -> None:
-    from maskclip_engine.evaluation import load_sample
+    from maskclip_engine.evaluation.evaluate import load_sample
 
     Image.fromarray(np.zeros((2, 2, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.array([[0, 1], [2, 255]], dtype=np.uint8), mode="L").save(tmp_path / "a_label.png")
@@ -168,7 +168,7 @@ def test_reduce_zero_label(tmp_path: Path) -> None:
 
 def test_every_shipped_protocol_loads_with_its_published_classes() -> None:
     from maskclip_engine.config import SegmentOptions
-    from maskclip_engine.protocols import load_protocol, protocol_names
+    from maskclip_engine.evaluation.protocols import load_protocol, protocol_names
 
     counts = {"maskclip-voc20": 20, "maskclip-context59": 59, "maskclip-cocostuff171": 171, "naclip-voc21": 21}
     # The later methods' eight benchmarks, with their published class files' lengths.
@@ -245,9 +245,9 @@ def test_a_published_harness_protocol_runs_by_name(tiny_vit12: TinyModel, tmp_pa
 
 
 def test_the_harness_embeds_names_with_the_80_imagenet_templates(vit_segmenter: Segmenter) -> None:
-    from maskclip_engine.harness import Harness, HarnessPredictor
-    from maskclip_engine.templates import IMAGENET_TEMPLATES
-    from maskclip_engine.text import TextEmbedder
+    from maskclip_engine.backbone.templates import IMAGENET_TEMPLATES
+    from maskclip_engine.backbone.text import TextEmbedder
+    from maskclip_engine.evaluation.harness import Harness, HarnessPredictor
 
     predictor = HarnessPredictor(vit_segmenter, ["background", "cat|kitten"], Harness())
     imagenet = TextEmbedder(vit_segmenter.clip, None, IMAGENET_TEMPLATES).embed(["background", "cat", "kitten"])

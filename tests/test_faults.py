@@ -19,7 +19,7 @@ from rq import Queue
 from rq.job import Job, JobStatus
 
 from backend.app import create_app
-from maskclip_engine.review_report import REVIEWS
+from maskclip_engine.review.report import REVIEWS
 from maskclip_engine.students.checkpoint import StudentCheckpoint
 from maskclip_engine.students.network import StudentConfig, StudentNet
 from maskclip_engine.students.registry import ModelRegistry

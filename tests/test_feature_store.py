@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from maskclip_engine import Segmenter
-from maskclip_engine.feature_cache import FeatureCache
-from maskclip_engine.feature_source import FeatureSource
-from maskclip_engine.feature_store import FeatureStore
-from maskclip_engine.image_features import FeatureKey, ImageFeatures, Window
+from maskclip_engine.features.cache import FeatureCache
+from maskclip_engine.features.image_features import FeatureKey, ImageFeatures, Window
+from maskclip_engine.features.source import FeatureSource
+from maskclip_engine.features.store import FeatureStore
 from tests.scenes import CLASSES, make_scene
 
 

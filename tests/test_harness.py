@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maskclip_engine.harness import Harness, _drop_small_classes, harness_labels, name_logits
-from maskclip_engine.image_features import ImageFeatures, Window
+from maskclip_engine.evaluation.harness import Harness, _drop_small_classes, harness_labels, name_logits
+from maskclip_engine.features.image_features import ImageFeatures, Window
 
 
 def two_window_features() -> ImageFeatures:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from maskclip_engine import Segmenter, SegmentOptions
-from maskclip_engine.dense_state import DenseState
-from maskclip_engine.feature_cache import FeatureCache
-from maskclip_engine.image_features import FeatureKey, image_digest
-from maskclip_engine.interactive import Gestures, interactive_mask
+from maskclip_engine.features.cache import FeatureCache
+from maskclip_engine.features.dense_state import DenseState
+from maskclip_engine.features.image_features import FeatureKey, image_digest
+from maskclip_engine.regions import Gestures, interactive_mask
 
 GRID = 8
 STRIDE = 8
@@ -285,7 +285,7 @@ def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter,
 
 @pytest.mark.parametrize("shape", [(28, 42, 448, 672), (4, 6, 70, 110), (5, 7, 50, 77), (3, 3, 9, 1000)])
 def test_the_cropped_upsampling_matches_bilinear_interpolation(shape: tuple[int, int, int, int]) -> None:
-    from maskclip_engine.interactive import upsample_mask
+    from maskclip_engine.regions import upsample_mask
 
     rows, cols, height, width = shape
     score = torch.rand(rows, cols, generator=torch.Generator().manual_seed(rows))

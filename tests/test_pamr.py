@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from maskclip_engine import Segmenter, SegmentOptions
-from maskclip_engine.pamr import colour_affinities, pamr, propagate, refine_against_image
-from maskclip_engine.refinement import Refined
+from maskclip_engine.head.pamr import colour_affinities, pamr, propagate, refine_against_image
+from maskclip_engine.head.refinement import Refined
 from tests.conftest import scene
 
 EDGE = 37  # the true colour edge: columns < 37 are red, the rest green
@@ -124,7 +124,7 @@ def test_segment_command_takes_the_refinement_flags(tiny_vit, tmp_path, monkeypa
     from click.testing import CliRunner
     from PIL import Image
 
-    from maskclip_engine.cli import main
+    from maskclip_engine.cli.main import main
 
     monkeypatch.setenv("MASKCLIP_CACHE_DIR", str(tmp_path / "cache"))
     Image.fromarray(scene(80, 120, seed=5)).save(tmp_path / "photo.png")

@@ -142,7 +142,7 @@ def test_imported_tasks_get_one_prediction_each_and_broken_images_are_retried(
     Image.fromarray(image).save(documents / "pre-import" / "broken.png")
     from click.testing import CliRunner
 
-    from maskclip_engine.cli import main
+    from maskclip_engine.cli.main import main
 
     result = CliRunner().invoke(main, ["predict", "--project", str(project)])
     assert result.exit_code == 0, result.output

@@ -11,9 +11,14 @@ import torch
 
 from maskclip_engine import InvalidOptionError, ModelSpec, Segmenter
 from maskclip_engine import segmenter as segmenter_module
-from maskclip_engine.agreement import label_agreement, measure_agreement, top2_margin, upsampled_margin
-from maskclip_engine.dense import dense_features
-from maskclip_engine.precision import choose_precision, cpu_has_native_bf16, resolve_precision
+from maskclip_engine.backbone.precision import choose_precision, cpu_has_native_bf16, resolve_precision
+from maskclip_engine.dense.modes import dense_features
+from maskclip_engine.evaluation.precision_agreement import (
+    label_agreement,
+    measure_agreement,
+    top2_margin,
+    upsampled_margin,
+)
 from tests.scenes import CLASSES, make_scene
 from tests.tiny_models import TinyModel
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskclip_engine.key_smoothing import key_smoothing
-from maskclip_engine.prompt_denoising import class_probabilities, prompt_denoising
-from maskclip_engine.refinement import refine
+from maskclip_engine.head.key_smoothing import key_smoothing
+from maskclip_engine.head.prompt_denoising import class_probabilities, prompt_denoising
+from maskclip_engine.head.refinement import refine
 
 
 def _logits_for(probs: list[list[float]], scale: float = 100.0) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_engine import InvalidOptionError, Segmenter, SegmentOptions
-from maskclip_engine.key_smoothing import key_smoothing_released
-from maskclip_engine.refinement import refine
+from maskclip_engine.head.key_smoothing import key_smoothing_released
+from maskclip_engine.head.refinement import refine
 from maskclip_engine.result import result_from_probabilities
 from tests.conftest import scene
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_engine import LabelSet, Segmenter
-from maskclip_engine.review import (
+from maskclip_engine.review.confident_learning import (
     ReviewConfig,
     judge_annotation,
     label_thresholds,
@@ -19,7 +19,7 @@ from maskclip_engine.review import (
     suspect_pixels,
     unpainted_regions,
 )
-from maskclip_engine.review_report import ReviewedItem, latest_review, mark_latest, new_review_folder, write_report
+from maskclip_engine.review.report import ReviewedItem, latest_review, mark_latest, new_review_folder, write_report
 from maskclip_engine.students.training import TrainingImage
 from tests.scenes import CLASSES, make_scene
 

@@ -12,7 +12,7 @@ import requests
 from click.testing import CliRunner
 from PIL import Image
 
-from maskclip_engine.cli import main
+from maskclip_engine.cli.main import main
 from tests.browser import Browser, find_chromium
 from tests.label_studio_server import Backend, LabelStudio, brush_config, brush_results
 from tests.scenes import CLASSES, make_scene

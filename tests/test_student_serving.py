@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from maskclip_engine import LabelSet, Segmenter
 from maskclip_engine.errors import InvalidOptionError, WeightsUnavailableError
-from maskclip_engine.evaluation import EvalConfig, config_predictor
+from maskclip_engine.evaluation.evaluate import EvalConfig, config_predictor
 from maskclip_engine.segmenter import label_logits
 from maskclip_engine.students.checkpoint import StudentCheckpoint
 from maskclip_engine.students.network import StudentConfig, StudentNet

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from maskclip_engine import MASKCLIP_TEMPLATES, InvalidLabelsError, LabelSet, Segmenter
+from maskclip_engine.backbone.short_context import ShortContextTower
+from maskclip_engine.backbone.templates import SCENE_TEMPLATES
+from maskclip_engine.backbone.text import TextEmbedder
 from maskclip_engine.segmenter import label_logits
-from maskclip_engine.short_context import ShortContextTower
-from maskclip_engine.templates import SCENE_TEMPLATES
-from maskclip_engine.text import TextEmbedder
 from tests.tiny_models import TinyModel
 
 

@@ -197,7 +197,7 @@ def test_training_job_promotes_and_serves_a_student(
 def test_eval_project_scores_maskclip_and_the_active_student(with_label_studio, project, model_dir, tmp_path) -> None:
     from click.testing import CliRunner
 
-    from maskclip_engine.cli import main
+    from maskclip_engine.cli.main import main
 
     active = ModelRegistry(model_dir).active(project)
     assert active is not None, "runs after the training test, which promotes a student"
@@ -279,7 +279,7 @@ def test_a_project_connected_through_setup_trains_with_no_credential_in_redis(
 def test_train_and_jobs_commands(env, redis) -> None:
     from click.testing import CliRunner
 
-    from maskclip_engine.cli import main
+    from maskclip_engine.cli.main import main
 
     queued = CliRunner().invoke(main, ["train", "--project", "31"])
     assert queued.exit_code == 0, queued.output

@@ -196,7 +196,7 @@ def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) 
     from ls_integration.fetching import ImageFetcher
     from ls_integration.training_data import load_project
     from maskclip_engine import MaskClipError
-    from maskclip_engine.evaluation import (
+    from maskclip_engine.evaluation.evaluate import (
         EvalConfig,
         Sample,
         config_predictor,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 
 from maskclip_engine import Segmenter
-from maskclip_engine.feature_source import FeatureSource
-from maskclip_engine.feature_store import FeatureStore
+from maskclip_engine.features.source import FeatureSource
+from maskclip_engine.features.store import FeatureStore
 from maskclip_service.settings import Settings
 
 _loaded: dict[tuple, Segmenter] = {}

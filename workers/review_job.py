@@ -21,8 +21,8 @@ from ls_integration.errors import ProjectDataError
 from ls_integration.fetching import ImageFetcher
 from ls_integration.training_data import load_project
 from maskclip_engine import LabelSet
-from maskclip_engine.review import ReviewConfig, review_annotations
-from maskclip_engine.review_report import ReviewedItem, mark_latest, new_review_folder, write_report
+from maskclip_engine.review.confident_learning import ReviewConfig, review_annotations
+from maskclip_engine.review.report import ReviewedItem, mark_latest, new_review_folder, write_report
 from maskclip_service.settings import Settings
 
 from .context import shared_segmenter

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, abort, send_from_directory
 
 from ls_integration.ids import is_id
-from maskclip_engine.review_report import latest_review
+from maskclip_engine.review.report import latest_review
 
 from ..services import services
 

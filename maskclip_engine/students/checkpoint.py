@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write
-from ..config import SegmentOptions
-from ..errors import InvalidOptionError, WeightsUnavailableError
-from .network import StudentConfig, StudentNet
+from maskclip_engine.atomic import atomic_write
+from maskclip_engine.config import SegmentOptions
+from maskclip_engine.errors import InvalidOptionError, WeightsUnavailableError
+from maskclip_engine.students.network import StudentConfig, StudentNet
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..labels import LabelSet
-from ..miou import Scores, confusion_matrix, scores
-from ..result import result_from_probabilities
-from ..segmenter import Segmenter
-from .checkpoint import StudentCheckpoint
-from .registry import ModelRegistry
-from .serving import StudentSegmenter
-from .training import TrainingImage
+from maskclip_engine.labels import LabelSet
+from maskclip_engine.miou import Scores, confusion_matrix, scores
+from maskclip_engine.result import result_from_probabilities
+from maskclip_engine.segmenter import Segmenter
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.registry import ModelRegistry
+from maskclip_engine.students.serving import StudentSegmenter
+from maskclip_engine.students.training import TrainingImage
 
 Predict = Callable[[np.ndarray], np.ndarray]  # image -> HxW label map
 PredictItem = Callable[[TrainingImage], np.ndarray]  # image (and its features) -> label map at its labels' size

@@ -32,8 +32,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from ..errors import InvalidOptionError, WeightsUnavailableError
-from ..segmenter import label_logits
+from maskclip_engine.errors import InvalidOptionError, WeightsUnavailableError
+from maskclip_engine.segmenter import label_logits
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write
-from .checkpoint import StudentCheckpoint
+from maskclip_engine.atomic import atomic_write
+from maskclip_engine.students.checkpoint import StudentCheckpoint
 
 _VERSION_FILE = re.compile(r"^v(\d+)\.json$")
 _TAKEN = re.compile(r"^\.?v(\d+)\.(pt|reserved)$")  # a stored checkpoint or a number another process reserved

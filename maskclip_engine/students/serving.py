@@ -9,13 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..dense_state import DenseState
-from ..image_features import ImageFeatures
-from ..images import resized_shape, to_rgb_array
-from ..result import SegmentationResult, result_from_probabilities
-from ..segmenter import Segmenter
-from .checkpoint import StudentCheckpoint
-from .network import StudentNet
+from maskclip_engine.features.dense_state import DenseState
+from maskclip_engine.features.image_features import ImageFeatures
+from maskclip_engine.images import resized_shape, to_rgb_array
+from maskclip_engine.result import SegmentationResult, result_from_probabilities
+from maskclip_engine.segmenter import Segmenter
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.network import StudentNet
 
 
 class StudentSegmenter:
@@ -62,7 +62,7 @@ class StudentSegmenter:
         """Class probabilities ``[C, h, w]`` of one image on the student's output grid.
 
         The student's decoder runs in the CLIP backbone's precision (bf16 where
-        the chip computes it natively, see :mod:`maskclip_engine.precision`);
+        the chip computes it natively, see :mod:`maskclip_engine.backbone.precision`);
         its text classifier in float32. Serving, the promotion gate and reviews
         all come through here, so a student is judged as it is served.
         """

@@ -32,15 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidOptionError
-from ..image_features import ImageFeatures
-from ..labels import LabelSet
-from ..pamr import refine_against_image
-from ..refinement import refine_with_options
-from ..result import upsample_argmax
-from ..segmenter import Segmenter, label_logits
-from .augment import AugmentConfig, augment, augment_grid
-from .network import StudentConfig, StudentNet
+from maskclip_engine.errors import InvalidOptionError
+from maskclip_engine.features.image_features import ImageFeatures
+from maskclip_engine.head.pamr import refine_against_image
+from maskclip_engine.head.refinement import refine_with_options
+from maskclip_engine.labels import LabelSet
+from maskclip_engine.result import upsample_argmax
+from maskclip_engine.segmenter import Segmenter, label_logits
+from maskclip_engine.students.augment import AugmentConfig, augment, augment_grid
+from maskclip_engine.students.network import StudentConfig, StudentNet
 
 log = logging.getLogger(__name__)
 

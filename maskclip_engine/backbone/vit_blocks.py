@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
-from .errors import InvalidImageError
+from maskclip_engine.errors import InvalidImageError
 
 ROW_BLOCK_ELEMENTS = 1 << 21
 

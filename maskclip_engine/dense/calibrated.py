@@ -11,7 +11,7 @@ its negative entries set to ``-inf``. For ViT-B/16 (12 blocks):
 1. Blocks 0-10 run as usual.
 2. Outlier patches of ``B_10`` are found: ``scclip`` by a local outlier
    factor on the tokens, ``sfp`` from block 10's attention
-   (:mod:`maskclip_engine.outlier_tokens`); in ``B_10`` and ``B_8`` each is
+   (:mod:`maskclip_engine.dense.outlier_tokens`); in ``B_10`` and ``B_8`` each is
    replaced by its non-outlier neighbours.
 3. ``M = cos(P(B_8))``; ``X = Agg(thr(M), P(B_10))``.
 4. The last block's attention only (no residual, no MLP), with ``q, k, v`` of
@@ -47,9 +47,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 
-from .errors import InvalidOptionError
-from .outlier_tokens import attention_outliers, fill_outliers, lof_outliers
-from .vit_blocks import (
+from maskclip_engine.backbone.vit_blocks import (
     embed_tokens,
     heads_qkv,
     merge_heads,
@@ -58,6 +56,8 @@ from .vit_blocks import (
     to_map,
     transformer_block_with_attention,
 )
+from maskclip_engine.dense.outlier_tokens import attention_outliers, fill_outliers, lof_outliers
+from maskclip_engine.errors import InvalidOptionError
 
 CALIBRATED_MODES: tuple[str, ...] = ("scclip", "sfp")  # RECIPES below says how they differ
 AFFINITY_THRESHOLD = 0.4

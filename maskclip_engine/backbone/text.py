@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_write
-from .loading import LoadedClip
-from .short_context import ShortContextTower
-from .templates import MASKCLIP_TEMPLATES, templates_digest
+from maskclip_engine.atomic import atomic_write
+from maskclip_engine.backbone.loading import LoadedClip
+from maskclip_engine.backbone.short_context import ShortContextTower
+from maskclip_engine.backbone.templates import MASKCLIP_TEMPLATES, templates_digest
 
 DEFAULT_MEMORY_ENTRIES = 4096  # one entry is a few KB (D float32s): a few MB at most
 

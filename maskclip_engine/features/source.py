@@ -1,7 +1,7 @@
 """Where a segmenter gets an image's features: memory, then the on-disk store, then the backbone.
 
-The in-memory :class:`~maskclip_engine.feature_cache.FeatureCache` is the
-level in front of the :class:`~maskclip_engine.feature_store.FeatureStore`;
+The in-memory :class:`~maskclip_engine.features.cache.FeatureCache` is the
+level in front of the :class:`~maskclip_engine.features.store.FeatureStore`;
 what the backbone computes goes into both. Counters say where answers came
 from (tests and benchmarks read them).
 """
@@ -12,9 +12,9 @@ import threading
 
 import torch
 
-from .feature_cache import FeatureCache
-from .feature_store import FeatureStore
-from .image_features import FeatureKey, ImageFeatures
+from maskclip_engine.features.cache import FeatureCache
+from maskclip_engine.features.image_features import FeatureKey, ImageFeatures
+from maskclip_engine.features.store import FeatureStore
 
 _STORED_DTYPES = (torch.bfloat16, torch.float16)
 

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .key_smoothing import key_smoothing, key_smoothing_released, renormalised
-from .prompt_denoising import class_probabilities, prompt_denoising
+from maskclip_engine.head.key_smoothing import key_smoothing, key_smoothing_released, renormalised
+from maskclip_engine.head.prompt_denoising import class_probabilities, prompt_denoising
 
 if TYPE_CHECKING:
-    from .config import SegmentOptions
+    from maskclip_engine.config import SegmentOptions
 
 
 @dataclass(frozen=True)

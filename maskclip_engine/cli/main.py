@@ -17,10 +17,10 @@ import click
 from click.core import ParameterSource
 from tqdm import tqdm
 
-from .cli_options import feature_store_options, model_options, refinement_options, window_options
-from .config import SegmentOptions
-from .errors import MaskClipError
-from .evaluation import (
+from maskclip_engine.cli.options import feature_store_options, model_options, refinement_options, window_options
+from maskclip_engine.config import SegmentOptions
+from maskclip_engine.errors import MaskClipError
+from maskclip_engine.evaluation.evaluate import (
     BACKGROUNDS,
     EvalConfig,
     EvalSpec,
@@ -32,13 +32,13 @@ from .evaluation import (
     report_json,
     report_table,
 )
-from .feature_source import FeatureSource
-from .harness import Harness
-from .images import decode_image, list_images
-from .labels import LabelSet
-from .protocols import Protocol, load_protocol, protocol_names
-from .segmenter import Segmenter
-from .visualize import overlay, save_label_map
+from maskclip_engine.evaluation.harness import Harness
+from maskclip_engine.evaluation.protocols import Protocol, load_protocol, protocol_names
+from maskclip_engine.features.source import FeatureSource
+from maskclip_engine.images import decode_image, list_images
+from maskclip_engine.labels import LabelSet
+from maskclip_engine.segmenter import Segmenter
+from maskclip_engine.visualize import overlay, save_label_map
 
 
 class _Commands(click.Group):

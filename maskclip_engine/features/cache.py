@@ -1,7 +1,7 @@
 """The in-memory level of the feature cache: recently used images' dense state, bounded in bytes.
 
-It sits in front of the on-disk :class:`~maskclip_engine.feature_store.FeatureStore`
-(see :mod:`maskclip_engine.feature_source`) and also keeps the per-label dense
+It sits in front of the on-disk :class:`~maskclip_engine.features.store.FeatureStore`
+(see :mod:`maskclip_engine.features.source`) and also keeps the per-label dense
 states smart-tool gestures are answered from. Keys are any hashable value that
 says everything the entry depends on.
 """

@@ -2,7 +2,7 @@
 
 Backend replicas and workers on many hosts point at one folder (by default
 ``MODEL_DIR/features``). Each entry is one safetensors file named by the hash
-of its :class:`~maskclip_engine.image_features.FeatureKey`::
+of its :class:`~maskclip_engine.features.image_features.FeatureKey`::
 
     features/
         3f/3fa9...c1.safetensors     features, keys and window geometry of one image
@@ -37,8 +37,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .atomic import atomic_write
-from .image_features import FeatureKey, ImageFeatures, Window
+from maskclip_engine.atomic import atomic_write
+from maskclip_engine.features.image_features import FeatureKey, ImageFeatures, Window
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ float32. A student's decoder runs under the same autocast when it serves or
 is judged; its text classifier stays float32. Near-tied cosine logits
 would flip in bf16's 8-bit mantissa; in float32 they do not, so the label map
 agrees with a full float32 run wherever the decision is not a near-tie (see
-:mod:`maskclip_engine.agreement`). Text embeddings are always float32.
+:mod:`maskclip_engine.evaluation.precision_agreement`). Text embeddings are always float32.
 
 ``auto`` picks bf16 where the hardware computes it natively: CUDA devices
 that support it (else fp16, which every CUDA GPU runs natively) and CPUs with
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidOptionError
+from maskclip_engine.errors import InvalidOptionError
 
 CONCRETE_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -6,7 +6,7 @@ image, the model, its weights and precision, and the options that choose the
 windows; never on the labels or on a student. So it is computed once per
 image and reused by every later step: proposals for other labels, smart-tool
 gestures, training, refreshes after a promotion, evaluation (see
-:mod:`maskclip_engine.feature_source`).
+:mod:`maskclip_engine.features.source`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from .config import SegmentOptions
-    from .loading import LoadedClip
+    from maskclip_engine.backbone.loading import LoadedClip
+    from maskclip_engine.config import SegmentOptions
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidOptionError
-from .labels import LabelSet
-from .segmenter import Segmenter
-from .students.checkpoint import StudentCheckpoint
-from .students.serving import StudentSegmenter
-from .students.training import TrainConfig, TrainingImage, train_student
+from maskclip_engine.errors import InvalidOptionError
+from maskclip_engine.labels import LabelSet
+from maskclip_engine.segmenter import Segmenter
+from maskclip_engine.students.checkpoint import StudentCheckpoint
+from maskclip_engine.students.serving import StudentSegmenter
+from maskclip_engine.students.training import TrainConfig, TrainingImage, train_student
 
 Progress = Callable[[dict], None]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .config import DENSE_MODES, KS_VARIANTS, MODES, PRECISIONS, SLIDE_REFINES, SegmentOptions
+from maskclip_engine.config import DENSE_MODES, KS_VARIANTS, MODES, PRECISIONS, SLIDE_REFINES, SegmentOptions
 
 DEFAULTS = SegmentOptions()
 
@@ -150,8 +150,8 @@ def feature_store_options(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def command(*args, feature_store: Path | None, feature_store_gb: float, **kwargs):
-        from .feature_source import FeatureSource
-        from .feature_store import FeatureStore
+        from maskclip_engine.features.source import FeatureSource
+        from maskclip_engine.features.store import FeatureStore
 
         store = FeatureStore.sized(feature_store, feature_store_gb) if feature_store is not None else None
         return func(*args, features=FeatureSource(None, store), **kwargs)

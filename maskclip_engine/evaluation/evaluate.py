@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .config import KS_VARIANTS, SegmentOptions
-from .errors import InvalidOptionError
-from .harness import Harness, HarnessPredictor
-from .images import decode_image
-from .labels import LabelSet
-from .miou import Scores, confusion_matrix, scores
-from .segmenter import Segmenter
+from maskclip_engine.config import KS_VARIANTS, SegmentOptions
+from maskclip_engine.errors import InvalidOptionError
+from maskclip_engine.evaluation.harness import Harness, HarnessPredictor
+from maskclip_engine.images import decode_image
+from maskclip_engine.labels import LabelSet
+from maskclip_engine.miou import Scores, confusion_matrix, scores
+from maskclip_engine.segmenter import Segmenter
 
 # PASCAL VOC's 21 classes, with the spellings CLIP reads better as synonyms.
 VOC_CLASSES = (
@@ -228,8 +228,8 @@ def config_predictor(
     prompted = LabelSet.parse([name.split("|") for name in classes[offset:]])
     threshold = bg_threshold if background == "threshold" else 0.0
     if config.student:
-        from .students.checkpoint import StudentCheckpoint
-        from .students.serving import StudentSegmenter
+        from maskclip_engine.students.checkpoint import StudentCheckpoint
+        from maskclip_engine.students.serving import StudentSegmenter
 
         checkpoint = StudentCheckpoint.load(Path(config.student), segmenter.clip.device)
         asked = config.options.get("dense_mode", checkpoint.dense_mode)

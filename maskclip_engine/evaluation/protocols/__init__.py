@@ -5,7 +5,7 @@ synonyms, in index order), how the dataset's background and ignored labels
 are read, the segmentation options, the configurations scored side by side,
 the published mIoU of each (in percent, with where it comes from), and, for
 the later training-free methods, the settings of their own evaluation head
-(``harness``, see :mod:`maskclip_engine.harness`).
+(``harness``, see :mod:`maskclip_engine.evaluation.harness`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidOptionError
+from maskclip_engine.errors import InvalidOptionError
 
 FOLDER = Path(__file__).resolve().parent
 
@@ -35,7 +35,7 @@ class Protocol:
     configs: tuple[str, ...] = ()
     published: dict[str, float] = field(default_factory=dict)
     source: str = ""
-    # The later methods' own head (maskclip_engine.harness): logit_scale, prob_threshold, area_threshold.
+    # The later methods' own head (maskclip_engine.evaluation.harness): logit_scale, prob_threshold, area_threshold.
     harness: dict[str, Any] | None = None
 
 

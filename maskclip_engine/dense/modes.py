@@ -22,10 +22,10 @@ Later training-free methods change the ViT's last block (``dense_mode``):
 Each replaces the block's output by its attention output alone (after the
 output projection): no residual, no MLP. ``scclip`` and ``sfp`` also resolve
 outlier tokens and aggregate patches by the affinities of middle blocks
-(:mod:`maskclip_engine.calibrated_dense`).
+(:mod:`maskclip_engine.dense.calibrated`).
 
 The blocks before the last run as open_clip defines them
-(:mod:`maskclip_engine.vit_blocks`).
+(:mod:`maskclip_engine.backbone.vit_blocks`).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
-from .calibrated_dense import CALIBRATED_MODES, calibrated_dense
-from .config import DENSE_MODES
-from .errors import InvalidOptionError
-from .vit_blocks import check_pixels, embed_tokens, project_patches, run_block, to_map
+from maskclip_engine.backbone.vit_blocks import check_pixels, embed_tokens, project_patches, run_block, to_map
+from maskclip_engine.config import DENSE_MODES
+from maskclip_engine.dense.calibrated import CALIBRATED_MODES, calibrated_dense
+from maskclip_engine.errors import InvalidOptionError
 
 NACLIP_SIGMA = 5.0
 

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dense_state import DenseState, Point
-from .errors import InvalidOptionError
+from maskclip_engine.errors import InvalidOptionError
+from maskclip_engine.features.dense_state import DenseState, Point
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels of the original image
 

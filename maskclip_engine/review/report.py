@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import atomic_write
-from .review import AnnotationReview
-from .visualize import palette
+from maskclip_engine.atomic import atomic_write
+from maskclip_engine.review.confident_learning import AnnotationReview
+from maskclip_engine.visualize import palette
 
 SUSPECT = np.array([255, 0, 255], dtype=np.float64)  # magenta: stands out against every label colour
 PICTURE_SIDE = 320  # each of the three panels is scaled to at most this many pixels on its long side

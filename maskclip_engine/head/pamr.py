@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .refinement import Refined
+from maskclip_engine.head.refinement import Refined
 
 DILATIONS: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
 ITERATIONS = 10

@@ -25,9 +25,20 @@ import torch
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
-from .config import ModelSpec
-from .errors import InvalidOptionError, ModelNotFoundError, UnsupportedModelError, WeightsUnavailableError
-from .precision import AUTOCAST_DTYPES, backbone_autocast, matrix_weight_dtype, resolve_precision, store_matrix_weights
+from maskclip_engine.backbone.precision import (
+    AUTOCAST_DTYPES,
+    backbone_autocast,
+    matrix_weight_dtype,
+    resolve_precision,
+    store_matrix_weights,
+)
+from maskclip_engine.config import ModelSpec
+from maskclip_engine.errors import (
+    InvalidOptionError,
+    ModelNotFoundError,
+    UnsupportedModelError,
+    WeightsUnavailableError,
+)
 
 log = logging.getLogger(__name__)
 

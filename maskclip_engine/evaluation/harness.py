@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidOptionError
-from .image_features import ImageFeatures
-from .labels import LabelSet
-from .segmenter import Segmenter
-from .templates import TEMPLATE_SETS
-from .text import TextEmbedder
+from maskclip_engine.backbone.templates import TEMPLATE_SETS
+from maskclip_engine.backbone.text import TextEmbedder
+from maskclip_engine.errors import InvalidOptionError
+from maskclip_engine.features.image_features import ImageFeatures
+from maskclip_engine.labels import LabelSet
+from maskclip_engine.segmenter import Segmenter
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Harness:
     prob_threshold: float = 0.0
     area_threshold: float = 0.0
     background: bool = True  # class 0 is the background class (what prob_threshold sends pixels to)
-    templates: str = "imagenet"  # a set of maskclip_engine.templates.TEMPLATE_SETS
+    templates: str = "imagenet"  # a set of maskclip_engine.backbone.templates.TEMPLATE_SETS
 
     def __post_init__(self) -> None:
         if self.templates not in TEMPLATE_SETS:

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidOptionError
+from maskclip_engine.errors import InvalidOptionError
 
 if TYPE_CHECKING:
-    from .labels import LabelInput
-    from .segmenter import Segmenter
+    from maskclip_engine.labels import LabelInput
+    from maskclip_engine.segmenter import Segmenter
 
 DEFAULT_MARGIN = 0.05
 
