@@ -17,7 +17,9 @@ DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def to_rgb_array(image: Any) -> np.ndarray:
-    """A PIL image or an ``HxW``/``HxWx3``/``HxWx4`` uint8 array as ``HxWx3 uint8``."""
+    """A file path, a PIL image or an ``HxW``/``HxWx3``/``HxWx4`` uint8 array as ``HxWx3 uint8``."""
+    if isinstance(image, (str, Path)):
+        return decode_image(image)
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise InvalidImageError(f"image has no pixels ({image.width}x{image.height}).")
@@ -34,7 +36,9 @@ def to_rgb_array(image: Any) -> np.ndarray:
         if image.shape[0] == 0 or image.shape[1] == 0:
             raise InvalidImageError(f"image has no pixels (shape {image.shape}).")
         return np.ascontiguousarray(image[:, :, :3])
-    raise InvalidImageError(f"expected a PIL image or a numpy uint8 array, got {type(image).__name__}.")
+    raise InvalidImageError(
+        f"expected a file path, a PIL image or a numpy uint8 array, got {type(image).__name__}."
+    )
 
 
 def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
