@@ -1,4 +1,4 @@
-"""The later methods' evaluation head (maskclip_engine/harness.py) on hand-built features."""
+"""The later methods' evaluation head (maskclip_engine/evaluation/harness.py) on hand-built features."""
 
 from __future__ import annotations
 
