@@ -31,7 +31,7 @@ from maskclip_engine import LabelSet, SegmentationResult, Segmenter
 from maskclip_engine.features.cache import FeatureCache
 from maskclip_engine.features.dense_state import DenseState
 from maskclip_engine.features.image_features import FeatureKey
-from maskclip_engine.regions import Gestures, InteractiveMask, interactive_mask
+from maskclip_engine.regions import Gestures, Region, gesture_region
 from maskclip_engine.students.serving import StudentSegmenter
 
 from .errors import BadRequestError
@@ -243,7 +243,7 @@ class InteractiveAnnotator:
             keep = [i for i in range(len(control.labels)) if i != label]
             competitors = self.label_embeddings(control)[keep] if keep else None
         asked = Gestures(pixels.positive, pixels.negative, pixels.box, text, competitors, label)
-        found = interactive_mask(state, asked)
+        found = gesture_region(state, asked)
         if not found.mask.any():
             return {"result": [], "score": 0.0, "model_version": version}
         if label is None:
@@ -271,7 +271,7 @@ class InteractiveAnnotator:
         return None, ""
 
 
-def _likeliest_label(state: DenseState, found: InteractiveMask) -> int:
+def _likeliest_label(state: DenseState, found: Region) -> int:
     """The label with the highest mean probability over the mask's grid cells."""
     height, width = state.image_size
     rows, cols = state.grid

@@ -1,6 +1,13 @@
 """Zero-shot dense segmentation from a frozen CLIP model (MaskCLIP, ECCV 2022).
 
-Pure ML: no HTTP, queue or Label Studio code lives here.
+Pure ML: no HTTP, queue or Label Studio code lives here. The folders read as
+the pipeline, each importing only those before it: ``backbone`` (the frozen
+CLIP model and its text tower), ``dense`` (per-location embeddings in each
+dense mode), ``features`` (one image's backbone output and where it is kept),
+``head`` (prompt denoising, key smoothing, PAMR), then ``segmenter`` and
+``regions`` (smart-tool masks from gestures), ``students`` (MaskCLIP+),
+``review`` and ``evaluation``, and ``cli``. The top-level modules (configs,
+errors, labels, images, results, metrics) are shared by every step.
 
 Names that need torch (the model, the segmenter, results) are imported on
 first use, so a process that only reads settings (the gunicorn master of

@@ -1,5 +1,10 @@
-"""Interactive regions: a click, a box or a phrase (the annotator's gestures) becomes a mask, from one
+"""Regions from gestures: a click, a box or a phrase (the annotator's gestures) becomes a mask, from one
 image's dense state.
+
+The engine's word is *region*: it knows gestures and grids, not Label Studio.
+:mod:`ls_integration.smart_tools` translates Label Studio's smart-tool contexts (keypoints,
+rectangles, a text prompt) into :class:`Gestures` and the :class:`Region` back into a brush or
+polygon result.
 
 Everything here works on the feature grid of one image (a few thousand
 locations at most) and is cheap; the image encoder ran once, before.
@@ -88,7 +93,7 @@ class RegionParams:
 
 
 @dataclass(frozen=True)
-class InteractiveMask:
+class Region:
     """``mask`` ``HxW bool`` at the image's size, its mean grid ``score`` and the ``label`` index used."""
 
     mask: np.ndarray
@@ -96,7 +101,7 @@ class InteractiveMask:
     label: int | None
 
 
-def interactive_mask(state: DenseState, gestures: Gestures, params: RegionParams | None = None) -> InteractiveMask:
+def gesture_region(state: DenseState, gestures: Gestures, params: RegionParams | None = None) -> Region:
     """The mask the gestures ask for; empty when they ask for nothing."""
     params = params or RegionParams()
     if gestures.label is not None and not 0 <= gestures.label < len(state.labels):
@@ -127,7 +132,7 @@ def interactive_mask(state: DenseState, gestures: Gestures, params: RegionParams
         mask &= _box_pixels(gestures.box, (height, width))
     grid_mask = score >= threshold
     mean = float(score[grid_mask].mean()) if bool(grid_mask.any()) else 0.0
-    return InteractiveMask(mask=mask.numpy(), score=mean, label=gestures.label)
+    return Region(mask=mask.numpy(), score=mean, label=gestures.label)
 
 
 def upsample_mask(score: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:

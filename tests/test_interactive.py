@@ -12,7 +12,7 @@ from maskclip_engine import Segmenter, SegmentOptions
 from maskclip_engine.features.cache import FeatureCache
 from maskclip_engine.features.dense_state import DenseState
 from maskclip_engine.features.image_features import FeatureKey, image_digest
-from maskclip_engine.regions import Gestures, interactive_mask
+from maskclip_engine.regions import Gestures, gesture_region
 
 GRID = 8
 STRIDE = 8
@@ -69,7 +69,7 @@ def make_state(probs: np.ndarray | None = None, seed: int = 0) -> DenseState:
 
 def test_a_click_inside_a_block_of_similar_features_returns_that_block() -> None:
     state = make_state()
-    result = interactive_mask(state, Gestures(positive=(centre(2, 2),)))
+    result = gesture_region(state, Gestures(positive=(centre(2, 2),)))
     assert result.mask.shape == (SIZE, SIZE) and result.mask.dtype == bool
     # C is a different part, like A (cosine ~0.74): a click on A takes it too; B and the background not.
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(A, C))
@@ -78,22 +78,22 @@ def test_a_click_inside_a_block_of_similar_features_returns_that_block() -> None
 
 def test_a_negative_click_removes_the_part_it_points_at() -> None:
     state = make_state()
-    result = interactive_mask(state, Gestures(positive=(centre(2, 2),), negative=(centre(2, 5),)))
+    result = gesture_region(state, Gestures(positive=(centre(2, 2),), negative=(centre(2, 5),)))
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(A))
 
 
 def test_two_positive_clicks_take_both_objects_and_a_negative_one_drops_a_whole_part() -> None:
     state = make_state()
-    both = interactive_mask(state, Gestures(positive=(centre(2, 2), centre(6, 6))))
+    both = gesture_region(state, Gestures(positive=(centre(2, 2), centre(6, 6))))
     np.testing.assert_array_equal(cell_centres(both.mask), blocks(A, C, B))
-    without_c = interactive_mask(state, Gestures(positive=(centre(2, 2), centre(6, 6)), negative=(centre(3, 4),)))
+    without_c = gesture_region(state, Gestures(positive=(centre(2, 2), centre(6, 6)), negative=(centre(3, 4),)))
     np.testing.assert_array_equal(cell_centres(without_c.mask), blocks(A, B))
 
 
 def test_a_box_clips_to_its_area_and_picks_the_object_inside() -> None:
     state = make_state()
     right, bottom = 22, 40  # the box cuts A inside its third column; C and B lie outside
-    result = interactive_mask(state, Gestures(box=(0.0, 0.0, float(right), float(bottom))))
+    result = gesture_region(state, Gestures(box=(0.0, 0.0, float(right), float(bottom))))
     assert not result.mask[:, right + 1 :].any() and not result.mask[bottom + 1 :, :].any(), "the mask leaves the box"
     np.testing.assert_array_equal(cell_centres(result.mask)[:5, :3], blocks(A)[:5, :3])
     expected = pixels(blocks(A))
@@ -109,7 +109,7 @@ def test_a_click_where_maskclip_says_another_label_still_returns_the_clicked_obj
     probs[1][B] = 0.0
     state = make_state(probs)
     assert int(state.probs[:, 2, 2].argmax()) == 1
-    result = interactive_mask(state, Gestures(positive=(centre(2, 2),), label=0))
+    result = gesture_region(state, Gestures(positive=(centre(2, 2),), label=0))
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(A, C))
     assert result.label == 0
 
@@ -121,8 +121,8 @@ def test_where_maskclip_agrees_the_label_extends_the_region_over_its_object() ->
     extended[1:4, 6] = True  # a column unlike A in features, but MaskCLIP says it is the same label
     probs[0][extended], probs[1][extended] = 1.0, 0.0
     state = make_state(probs)
-    plain = interactive_mask(state, Gestures(positive=(centre(2, 2),)))
-    labelled = interactive_mask(state, Gestures(positive=(centre(2, 2),), label=0))
+    plain = gesture_region(state, Gestures(positive=(centre(2, 2),)))
+    labelled = gesture_region(state, Gestures(positive=(centre(2, 2),), label=0))
     assert not cell_centres(plain.mask)[1:4, 6].any()
     np.testing.assert_array_equal(cell_centres(labelled.mask), extended)
 
@@ -131,23 +131,23 @@ def test_a_phrase_scores_against_the_other_labels() -> None:
     state = make_state()
     text = torch.eye(DIM)[1]
     competitors = torch.stack([torch.eye(DIM)[0], torch.eye(DIM)[5]])
-    result = interactive_mask(state, Gestures(text=text, competitors=competitors))
+    result = gesture_region(state, Gestures(text=text, competitors=competitors))
     np.testing.assert_array_equal(cell_centres(result.mask), blocks(B))
-    alone = interactive_mask(state, Gestures(text=text))
+    alone = gesture_region(state, Gestures(text=text))
     np.testing.assert_array_equal(cell_centres(alone.mask), blocks(B))
 
 
 def test_no_prompt_gives_an_empty_mask_and_bad_labels_are_refused() -> None:
     state = make_state()
-    assert not interactive_mask(state, Gestures()).mask.any()
+    assert not gesture_region(state, Gestures()).mask.any()
     with pytest.raises(Exception, match="out of range"):
-        interactive_mask(state, Gestures(positive=(centre(2, 2),), label=5))
+        gesture_region(state, Gestures(positive=(centre(2, 2),), label=5))
 
 
 def test_clicks_at_image_edges_and_odd_image_sizes() -> None:
     state = make_state()
     odd = DenseState(state.features, state.keys, state.probs, state.labels, (50, 77), STRIDE)
-    result = interactive_mask(odd, Gestures(positive=((77.0, 50.0),), negative=((-3.0, -3.0),)))
+    result = gesture_region(odd, Gestures(positive=((77.0, 50.0),), negative=((-3.0, -3.0),)))
     assert result.mask.shape == (50, 77)
 
 
@@ -237,7 +237,7 @@ def test_segment_with_state_is_segment_plus_the_dense_state(vit_segmenter, extra
     assert state.keys.shape[1:] == grid and state.probs.shape == (3, *grid)
     assert state.image_size == (70, 110) and state.stride == 16 and state.labels == tuple(labels)
     np.testing.assert_allclose(state.probs.sum(0).numpy(), 1.0, atol=1e-4)
-    mask = interactive_mask(state, Gestures(positive=((20.0, 30.0),), label=1)).mask
+    mask = gesture_region(state, Gestures(positive=((20.0, 30.0),), label=1)).mask
     assert mask.shape == (70, 110) and mask[30, 20]
     again = vit_segmenter.dense_state(image, labels, **options)
     assert torch.allclose(again.features, state.features, atol=1e-5)
@@ -255,9 +255,9 @@ def test_smart_tools_answer_on_the_calibrated_modes(vit12_segmenter, mode: str) 
     result, state = vit12_segmenter.segment_with_state(image, labels, **options)
     np.testing.assert_array_equal(result.label_map, expected.label_map)
     assert state.keys.shape[1:] == state.features.shape[1:] == (4, 6)
-    mask = interactive_mask(state, Gestures(positive=((20.0, 30.0),), label=1)).mask
+    mask = gesture_region(state, Gestures(positive=((20.0, 30.0),), label=1)).mask
     assert mask.shape == (70, 110) and mask[30, 20]
-    box = interactive_mask(state, Gestures(box=(50.0, 10.0, 100.0, 60.0), label=2)).mask
+    box = gesture_region(state, Gestures(box=(50.0, 10.0, 100.0, 60.0), label=2)).mask
     assert box.any() and not box[:, :49].any() and not box[62:].any()
 
 
@@ -279,7 +279,7 @@ def test_a_student_serves_interactions_from_its_own_probabilities(vit_segmenter,
     np.testing.assert_array_equal(result.label_map, student.segment(image).label_map)
     assert state.labels == tuple(labels) and state.probs.shape[0] == 3
     assert state.features.shape[1:] == state.probs.shape[1:] == state.keys.shape[1:]
-    mask = interactive_mask(state, Gestures(positive=((50.0, 35.0),), label=2)).mask
+    mask = gesture_region(state, Gestures(positive=((50.0, 35.0),), label=2)).mask
     assert mask.shape == (70, 110) and mask[35, 50]
 
 
