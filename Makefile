@@ -13,7 +13,8 @@ OUT ?= out
 # The real Label Studio server for end-to-end tests lives in its own virtualenv: its pins clash with ours.
 LS_VENV ?= .venv-label-studio
 LS_STAMP := $(LS_VENV)/.installed
-LABEL_STUDIO_SPEC ?= label-studio==1.23.2
+# sentry-sdk 3 removed options Label Studio 1.23.2 passes at start-up (it then exits at once).
+LABEL_STUDIO_SPEC ?= label-studio==1.23.2 'sentry-sdk>=2.16,<3'
 
 .PHONY: setup run segment test lint bench label-studio browser clean
 
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-$(LS_STAMP):
+$(LS_STAMP): Makefile
 	test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/pip install --quiet --disable-pip-version-check $(LABEL_STUDIO_SPEC)
 	touch $(LS_STAMP)
