@@ -13,11 +13,11 @@ from ls_integration.ids import is_id
 from ls_integration.label_config import ProjectSchema
 from ls_integration.project_links import ProjectLinks
 from maskclip_service.errors import QueueUnavailableError
-from maskclip_service.preannotation_runs import publish_metrics, start_run
+from maskclip_service.preannotation_runs import publish_metrics, queue_preannotation
 from maskclip_service.prometheus import Metrics
 from maskclip_service.redis_connection import connect
 from maskclip_service.settings import Settings
-from maskclip_service.training_queue import LOST_AFTER_S, count_annotation, enqueue_training
+from maskclip_service.training_queue import count_annotation, enqueue_training
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,7 @@ class JobTriggers:
 
     def preannotate(self, project: str, trigger: str, **run: Any) -> dict[str, Any]:
         try:
-            run_id, status = start_run(
-                self.connection(),
-                int(project),
-                trigger=trigger,
-                queue_name=self.settings.queue_name,
-                lost_after_s=LOST_AFTER_S,
-                **run,
-            )
+            run_id, status = queue_preannotation(self.connection(), self.settings, int(project), trigger=trigger, **run)
         except RedisError as exc:
             raise QueueUnavailableError(f"the pre-annotation queue is unreachable: {exc}") from exc
         return {"status": status, "run": run_id}

@@ -1,9 +1,9 @@
 """Leases on a pre-annotation run's chunks: a worker holds a chunk while it works, another takes it over if
 the holder goes silent (killed, or its machine gone).
 
-A lease is a field of the run's ``...:leases`` hash, ``chunk -> "<owner>|<expiry>"``
-(:mod:`.preannotation_runs` lists the run's keys). Claiming and renewing are
-Lua scripts, so each is one atomic step in Redis.
+A lease is a field of the run's ``...:leases`` hash, ``chunk -> "<owner>|<expiry>"``.
+:class:`.preannotation_runs.PreannotationRun` owns the run's keys and calls these
+with them; claiming and renewing are Lua scripts, so each is one atomic step in Redis.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ import time
 
 from redis import Redis
 
-from .preannotation_runs import state_key
-
-# Atomically: take the next chunk, or one whose lease expired.
+# Atomically: take the next chunk (KEYS[1], the run's todo list), or one whose lease (KEYS[2]) expired.
 _CLAIM = """
-local state = KEYS[1]
-local chunk = redis.call('lpop', state .. ':todo')
+local chunk = redis.call('lpop', KEYS[1])
 if not chunk then
-  local leases = redis.call('hgetall', state .. ':leases')
+  local leases = redis.call('hgetall', KEYS[2])
   for i = 1, #leases, 2 do
     local expiry = tonumber(string.match(leases[i + 1], '|(.*)$'))
     if expiry < tonumber(ARGV[2]) then chunk = leases[i]; break end
   end
 end
 if not chunk then return false end
-redis.call('hset', state .. ':leases', chunk, ARGV[1] .. '|' .. ARGV[3])
+redis.call('hset', KEYS[2], chunk, ARGV[1] .. '|' .. ARGV[3])
 return chunk
 """
 
@@ -39,13 +36,14 @@ return 1
 """
 
 
-def claim(connection: Redis, run: str, owner: str, lease_s: float) -> str | None:
+def claim(connection: Redis, todo_key: str, leases_key: str, owner: str, lease_s: float) -> str | None:
+    """The next chunk nobody has taken, or one whose holder went silent; leased to ``owner``. None: nothing left."""
     now = time.time()
-    chunk = connection.eval(_CLAIM, 1, state_key(run), owner, f"{now:.3f}", f"{now + lease_s:.3f}")
+    chunk = connection.eval(_CLAIM, 2, todo_key, leases_key, owner, f"{now:.3f}", f"{now + lease_s:.3f}")
     return chunk.decode() if chunk else None
 
 
-def renew(connection: Redis, run: str, chunk: str, owner: str, lease_s: float | None) -> bool:
+def renew(connection: Redis, leases_key: str, chunk: str, owner: str, lease_s: float | None) -> bool:
     """Extend our lease on ``chunk`` (``lease_s`` None: give it up); False when another worker took it over."""
     value = "" if lease_s is None else f"{owner}|{time.time() + lease_s:.3f}"
-    return bool(connection.eval(_RENEW, 1, state_key(run) + ":leases", chunk, owner, value))
+    return bool(connection.eval(_RENEW, 1, leases_key, chunk, owner, value))

@@ -13,10 +13,9 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 
+from .defaults import FAILURE_TTL_S, HOUR_S, QUEUE_NAME, RESULT_TTL_S, REVIEW_TIMEOUT_S
 from .job_paths import REVIEW_PROJECT
 from .training_queue import LIVE
-
-REVIEW_TIMEOUT_S = 6 * 3600
 
 
 def review_key(project: int | str) -> str:
@@ -24,7 +23,7 @@ def review_key(project: int | str) -> str:
 
 
 def enqueue_review(
-    connection: Redis, project: int, *, trigger: str, queue_name: str = "maskclip-training"
+    connection: Redis, project: int, *, trigger: str, queue_name: str = QUEUE_NAME
 ) -> tuple[str, bool]:
     """Queue a review of ``project``'s annotations unless one is live; returns ``(job id, created)``."""
     key = review_key(project)
@@ -36,7 +35,7 @@ def enqueue_review(
         except NoSuchJobError:
             pass
     job_id = f"review-p{project}-{uuid.uuid4().hex[:12]}"
-    if not connection.set(key, job_id, ex=REVIEW_TIMEOUT_S + 3600, nx=held is None, xx=held is not None):
+    if not connection.set(key, job_id, ex=REVIEW_TIMEOUT_S + HOUR_S, nx=held is None, xx=held is not None):
         return (connection.get(key) or job_id.encode()).decode(), False  # another trigger queued one first
     Queue(queue_name, connection=connection).enqueue_call(
         REVIEW_PROJECT,
@@ -44,8 +43,8 @@ def enqueue_review(
         kwargs={"trigger": trigger},
         job_id=job_id,
         timeout=REVIEW_TIMEOUT_S,
-        result_ttl=7 * 24 * 3600,
-        failure_ttl=7 * 24 * 3600,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=FAILURE_TTL_S,
         meta={"project": project, "trigger": trigger, "phase": "queued", "kind": "review"},
         description=f"review project {project}'s annotations ({trigger})",
     )

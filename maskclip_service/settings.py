@@ -20,6 +20,7 @@ from maskclip_engine.config import PRECISIONS
 if TYPE_CHECKING:
     from maskclip_engine import Segmenter
 
+from . import defaults
 from .errors import ConfigurationError
 from .origins import allowed_origin
 
@@ -182,7 +183,7 @@ class Settings:
     fetch_timeout: float = 30.0
     fetch_retries: int = 3  # connection errors and 429/5xx answers are retried this often, with backoff
     fetch_threads: int = 8
-    queue_name: str = "maskclip-training"
+    queue_name: str = defaults.QUEUE_NAME
     train_every: int = 0  # enqueue training after this many new/updated annotations (0: only on request)
     train_iterations: int = 400
     train_batch_size: int = 4
@@ -194,7 +195,7 @@ class Settings:
     gate_margin: float = 0.0  # the held-out mIoU gain's lower confidence bound must exceed this
     gate_confidence: float = 0.95  # of that one-sided bound
     review_after_training: bool = True  # every training job ends with a review of the annotations
-    job_timeout: int = 6 * 3600
+    job_timeout: int = defaults.JOB_TIMEOUT_S
     predict_batch: int = 8  # /predict fetches, segments and encodes this many tasks at a time
     task_score: str = "top1"  # a prediction's score, to sort tasks by: top1, margin, entropy or class_min
     torch_threads: int = 0  # torch intra-op threads per process (0: torch's default)
@@ -202,7 +203,7 @@ class Settings:
     preannotate_on_label_change: bool = True  # a label set change re-proposes every unannotated task
     preannotate_chunk: int = 32  # tasks per unit of pre-annotation work a worker takes
     preannotate_skip_annotated: bool = True  # whole-project runs leave tasks with submitted annotations alone
-    preannotate_lease_s: int = 60  # a chunk whose worker is silent this long is taken over by another
+    preannotate_lease_s: int = defaults.LEASE_S  # a chunk whose worker is silent this long is taken over by another
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -19,13 +19,18 @@ from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
+from .defaults import (
+    ACTIVATION_LOCK_S,
+    FAILURE_TTL_S,
+    JOB_TIMEOUT_S,
+    LOST_AFTER_S,
+    QUEUE_NAME,
+    RESULT_TTL_S,
+    TRAINING_KEY_TTL_S,
+)
 from .job_paths import TRAIN_PROJECT
 
 LIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
-HEARTBEAT_S = 10  # a running training job refreshes meta["heartbeat"] this often
-LOST_AFTER_S = 120  # a "started" job silent for this long lost its worker (killed, machine gone)
-
-ACTIVATION_LOCK_S = 120  # a worker killed while activating holds the project's activation lock at most this long
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +60,13 @@ def enqueue_training(
     project: int,
     *,
     trigger: str,
-    queue_name: str = "maskclip-training",
-    job_timeout: int = 6 * 3600,
+    queue_name: str = QUEUE_NAME,
+    job_timeout: int = JOB_TIMEOUT_S,
     kwargs: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """Enqueue training for ``project`` unless a job for it is live; returns ``(job id, created)``."""
     key = lock_key(project)
-    ttl = job_timeout + 3600
+    ttl = job_timeout + (TRAINING_KEY_TTL_S - JOB_TIMEOUT_S)  # the key outlives the job it names
     queue = Queue(queue_name, connection=connection)
     for _ in range(5):
         held = connection.get(key)
@@ -112,8 +117,8 @@ def _claim_and_enqueue(
                 kwargs={"trigger": trigger, **(kwargs or {})},
                 job_id=job_id,
                 timeout=job_timeout,
-                result_ttl=7 * 24 * 3600,
-                failure_ttl=7 * 24 * 3600,
+                result_ttl=RESULT_TTL_S,
+                failure_ttl=FAILURE_TTL_S,
                 meta={"project": project, "trigger": trigger, "phase": "queued"},
                 description=f"train project {project} ({trigger})",
                 pipeline=pipe,
@@ -139,7 +144,7 @@ def _mark_lost(job: Job, successor: str) -> None:
     job.set_status(JobStatus.FAILED)
 
 
-def claim(connection: Redis, project: int | str, job_id: str, ttl: int = 6 * 3600 + 3600) -> bool | None:
+def claim(connection: Redis, project: int | str, job_id: str, ttl: int = TRAINING_KEY_TTL_S) -> bool | None:
     """Whether ``job_id`` still owns ``project``'s training (retaking a key Redis lost); None: Redis unreachable."""
     try:
         return bool(connection.eval(_CLAIM, 1, lock_key(project), job_id, f"{time.time():.0f}", ttl))
@@ -182,7 +187,7 @@ def count_annotation(connection: Redis, project: int, every: int) -> bool:
     return connection.incr(f"maskclip:annotations:{project}") % every == 0
 
 
-def recent_jobs(connection: Redis, queue_name: str = "maskclip-training", limit: int = 20) -> list[Job]:
+def recent_jobs(connection: Redis, queue_name: str = QUEUE_NAME, limit: int = 20) -> list[Job]:
     """Queued, running, finished and failed training jobs, newest first."""
     queue = Queue(queue_name, connection=connection)
     ids = set(queue.get_job_ids())

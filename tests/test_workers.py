@@ -317,13 +317,11 @@ def test_compose_file_wires_the_stack() -> None:
 class _Projects:
     """Stands in for label-studio-sdk's ``client.projects``: records the run's phase when the version is set."""
 
-    def __init__(self, connection, run: str, fail: bool = False) -> None:
-        self.connection, self.run, self.fail, self.seen = connection, run, fail, []
+    def __init__(self, run, fail: bool = False) -> None:
+        self.run, self.fail, self.seen = run, fail, []
 
     def update(self, id: int, model_version: str) -> None:  # noqa: A002 (the SDK's argument name)
-        from maskclip_service import preannotation_runs as runs
-
-        self.seen.append((id, model_version, runs.state(self.connection, self.run).get("phase")))
+        self.seen.append((id, model_version, self.run.state().get("phase")))
         if self.fail:
             raise ConnectionError("Label Studio is down")
 
@@ -332,23 +330,26 @@ class _Projects:
 def test_a_run_that_switches_the_project_reads_done_only_once_the_project_shows_it(redis, fail: bool) -> None:
     from types import SimpleNamespace
 
-    from maskclip_service import preannotation_runs as runs
+    from maskclip_service.preannotation_runs import PreannotationRun
     from workers.preannotate import _try_finish
 
-    run, status = runs.start_run(redis, 7, version="student-p7-v2", set_project_version=True, queue_name="unused")
+    run, status = PreannotationRun.start(
+        redis, 7, version="student-p7-v2", set_project_version=True, queue_name="unused"
+    )
     assert status == "queued"
     # As the planner leaves it once every chunk is done: its scopes taken, nothing queued or leased.
-    redis.hset(runs.state_key(run), mapping={"version": "student-p7-v2", "planning": 0})
-    redis.delete(runs.state_key(run) + ":extra")
-    projects = _Projects(redis, run, fail)
-    ctx = SimpleNamespace(connection=redis, run=run, project=7, client=SimpleNamespace(projects=projects))
+    run.begin_listing("student-p7-v2")
+    run.drop_scopes(len(run.scopes()))
+    assert run.planned() == 0
+    projects = _Projects(run, fail)
+    ctx = SimpleNamespace(run=run, project=7, client=SimpleNamespace(projects=projects))
     if fail:
         with pytest.raises(ConnectionError):
             _try_finish(ctx)
-        assert runs.state(redis, run)["phase"] != "done"  # still open: the next trigger or takeover finishes it
+        assert run.state()["phase"] != "done"  # still open: the next trigger or takeover finishes it
     else:
         assert _try_finish(ctx) == "done"
-        assert runs.state(redis, run)["phase"] == "done"
+        assert run.state()["phase"] == "done"
     assert len(projects.seen) == 1
     project, version, phase_then = projects.seen[0]
     assert (project, version) == (7, "student-p7-v2") and phase_then != "done"
@@ -358,18 +359,17 @@ def test_a_chunk_whose_background_import_failed_goes_back_to_the_queue(redis) ->
     from concurrent.futures import Future
     from types import SimpleNamespace
 
-    from maskclip_service import chunk_leases
-    from maskclip_service import preannotation_runs as runs
+    from maskclip_service.preannotation_runs import PreannotationRun
     from workers.preannotate import _settle
 
-    run, _ = runs.start_run(redis, 8, version="v", queue_name="unused")
-    key = runs.state_key(run)
-    redis.rpush(key + ":todo", "1")
-    chunk = chunk_leases.claim(redis, run, "worker-a", 30)
-    assert chunk == "1" and redis.hlen(key + ":leases") == 1
+    run, _ = PreannotationRun.start(redis, 8, version="v", queue_name="unused")
+    run.add_chunk([{"id": 11, "data": {}}])
+    chunk = run.claim("worker-a", 30)
+    assert chunk == "1" and run.leased() == 1
     failed: Future = Future()
     failed.set_exception(ConnectionError("Label Studio refused the import"))
-    ctx = SimpleNamespace(connection=redis, run=run)
+    ctx = SimpleNamespace(run=run)
     _settle(ctx, (chunk, failed), "worker-a")
-    assert redis.lrange(key + ":todo", 0, -1) == [b"1"]  # another attempt, here or on another worker
-    assert redis.hlen(key + ":leases") == 0 and redis.hget(key + ":attempts", "1") == b"1"
+    assert redis.lrange(run.todo_key, 0, -1) == [b"1"]  # another attempt, here or on another worker
+    assert run.leased() == 0 and redis.hget(run.attempts_key, "1") == b"1"
+    assert run.failures() == []  # not given up yet: nothing failed for good

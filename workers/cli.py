@@ -12,6 +12,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 from tqdm import tqdm
 
+from maskclip_service.defaults import QUEUE_NAME
 from maskclip_service.errors import ServiceError
 from maskclip_service.redis_connection import connect
 from maskclip_service.settings import Settings
@@ -32,7 +33,7 @@ def _settings() -> Settings:
 
 @click.command()
 @click.option("--redis-url", envvar="REDIS_URL", required=True, help="The queue's Redis (redis:// or unix://).")
-@click.option("--queue", "queue_name", envvar="MASKCLIP_QUEUE", default="maskclip-training", show_default=True)
+@click.option("--queue", "queue_name", envvar="MASKCLIP_QUEUE", default=QUEUE_NAME, show_default=True)
 @click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
 @click.option("--preload/--no-preload", default=True, show_default=True, help="Load CLIP before the first job.")
 @click.option("--log-level", envvar="LOG_LEVEL", default="INFO", show_default=True)

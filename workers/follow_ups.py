@@ -10,11 +10,10 @@ import logging
 
 from rq import get_current_job
 
-from maskclip_service import preannotation_runs as runs
+from maskclip_service.preannotation_runs import queue_preannotation
 from maskclip_service.redis_connection import connect
 from maskclip_service.review_queue import enqueue_review
 from maskclip_service.settings import Settings
-from maskclip_service.training_queue import LOST_AFTER_S
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,8 @@ def queue_after_promotion(project: int, version: str) -> str | None:
     """Called by a training job that promoted ``version``: write its proposals everywhere."""
     try:
         settings = Settings.from_env()
-        run, status = runs.start_run(
-            _connection(settings),
-            project,
-            version=version,
-            trigger="promotion",
-            set_project_version=True,
-            queue_name=settings.queue_name,
-            lost_after_s=LOST_AFTER_S,
+        run, status = queue_preannotation(
+            _connection(settings), settings, project, version=version, trigger="promotion", set_project_version=True
         )
         log.info("project %s: %s pre-annotation run %s for %s", project, status, run, version)
         return run

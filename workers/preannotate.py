@@ -3,7 +3,7 @@
 ``plan_run`` lists the tasks a run has to consider and cuts them into chunks;
 ``work_run`` jobs (as many as there are chunks, up to a cap) take chunks until
 none are left, on whichever workers are free. Run state lives in Redis
-(:mod:`maskclip_service.preannotation_runs`, :mod:`maskclip_service.chunk_leases`): a killed worker
+(:class:`maskclip_service.preannotation_runs.PreannotationRun` owns its keys): a killed worker
 loses at most two chunks (one being predicted, one being imported), which other workers take over once
 their leases expire.
 """
@@ -21,27 +21,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from label_studio_sdk import LabelStudio
-from redis import Redis
+from label_studio_sdk.core.api_error import ApiError
+from redis.exceptions import RedisError
 from rq import get_current_job
 
 from ls_integration.auth import LabelStudioAuth
 from ls_integration.connection import label_studio_target
+from ls_integration.errors import ImageFetchError
 from ls_integration.fetching import ImageFetcher
 from ls_integration.label_config import ProjectSchema, parse_label_config
 from ls_integration.predictor import Predictor
-from maskclip_service import chunk_leases
 from maskclip_service import preannotation_runs as runs
+from maskclip_service.defaults import MAX_WORK_JOBS, TASK_PAGE, TASKS_PER_LISTING
 from maskclip_service.errors import PreannotationError
+from maskclip_service.preannotation_runs import PreannotationRun
 from maskclip_service.redis_connection import connect
 from maskclip_service.settings import Settings
 
 from .context import shared_segmenter
 
 log = logging.getLogger(__name__)
-
-MAX_WORK_JOBS = 32  # work jobs queued per planning round; each takes chunks until none are left
-MAX_ATTEMPTS = 3  # a chunk that fails this often (Label Studio refusing the import, say) is given up
-_LIST_PAGE = 100
 
 _predictors: dict[tuple[int, int], Predictor] = {}
 _predictors_lock = threading.Lock()
@@ -61,25 +60,50 @@ def _predictor(settings: Settings) -> Predictor:
         return predictor
 
 
-@dataclass
+class _ReasonsFetcher(ImageFetcher):
+    """An :class:`ImageFetcher` that remembers why each task's image failed, so the run can say why a task got
+    no prediction (the predictor itself only logs it)."""
+
+    def __init__(self, settings: Settings, auth: LabelStudioAuth | None) -> None:
+        super().__init__(settings, auth)
+        self._reasons: dict[object, str] = {}
+        self._lock = threading.Lock()  # the predictor fetches on a thread pool
+
+    def fetch(self, reference: object, task_id: object = None) -> Any:
+        try:
+            return super().fetch(reference, task_id)
+        except ImageFetchError as exc:
+            with self._lock:
+                self._reasons[task_id] = str(exc)
+            raise
+
+    def reason(self, task_id: object) -> str:
+        """Why ``task_id``'s image failed (and forget it); a general sentence when the fetch did not fail."""
+        with self._lock:
+            found = self._reasons.pop(task_id, None)
+        return found or "no prediction: the task's image could not be read (the worker's log says why)"
+
+
+@dataclass(frozen=True)
 class RunContext:
-    connection: Redis
+    """What a plan or work job needs about its run; ``run`` owns the run's keys in Redis."""
+
+    run: PreannotationRun
     project: int
-    run: str
     settings: Settings
     predictor: Predictor
     client: LabelStudio
-    fetcher: ImageFetcher
+    fetcher: _ReasonsFetcher
     schema: ProjectSchema
 
 
-def _context(project: int, run: str) -> RunContext:
+def _context(project: int, run_id: str) -> RunContext:
     settings = Settings.from_env()
     job = get_current_job()
     connection = job.connection if job is not None else connect(settings.redis_url or "")
-    state = runs.state(connection, run)
-    if not state:
-        raise PreannotationError(f"pre-annotation run {run} is unknown (expired or never queued).")
+    run = PreannotationRun(connection, run_id)
+    if not run.exists():
+        raise PreannotationError(f"pre-annotation run {run_id} is unknown (expired or never queued).")
     predictor = _predictor(settings)
     target = label_studio_target(settings, project, predictor.projects)
     if target is None:
@@ -91,77 +115,69 @@ def _context(project: int, run: str) -> RunContext:
     client = LabelStudio(base_url=auth.url, api_key=target[1])
     config = client.projects.get(id=project).label_config
     schema = parse_label_config(config, settings.max_labels)
-    return RunContext(connection, project, run, settings, predictor, client, ImageFetcher(settings, auth), schema)
+    return RunContext(run, project, settings, predictor, client, _ReasonsFetcher(settings, auth), schema)
 
 
-def _update_job(state: dict[str, Any]) -> None:
+def _update_job(run: PreannotationRun) -> dict[str, Any]:
+    """The run's progress into the current job's meta; returns it."""
+    progress = run.progress()
     job = get_current_job()
     if job is not None:
-        job.meta.update(runs.progress_meta(state), heartbeat=time.time())
+        job.meta.update(progress, heartbeat=time.time())
         job.save_meta()
+    return progress
 
 
 # ------------------------------------------------------------------ planning
 def plan_run(project: int, run: str) -> dict[str, Any]:
     """List what the run has to consider, skip what is done, and queue the chunks for the workers."""
     ctx = _context(project, run)
-    key = runs.state_key(run)
-    token = uuid.uuid4().hex
-    if not ctx.connection.set(runs.planner_key(run), token, nx=True, ex=runs.PLANNER_TTL_S):
+    token = ctx.run.take_planner()
+    if token is None:
         log.info("project %s: run %s already has a planner at work; it takes the new scopes", project, run)
-        return runs.progress_meta(runs.state(ctx.connection, run))
+        return ctx.run.progress()
     try:
-        return _plan(ctx, project, run, key)
+        return _plan(ctx)
     except PreannotationError as exc:  # the run cannot go on (unknown version): end it, so triggers start anew
-        runs.abandon(ctx.connection, run, project, str(exc))
+        ctx.run.abandon(str(exc))
         raise
     finally:
-        ctx.connection.eval(_RELEASE_IF_OURS, 1, runs.planner_key(run), token)
+        ctx.run.release_planner(token)
 
 
-_RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-
-
-def _beat(ctx: RunContext) -> None:
-    """The run's heartbeat, and the planner's lock kept while it works."""
-    ctx.connection.hset(runs.state_key(ctx.run), "heartbeat", time.time())
-    ctx.connection.expire(runs.planner_key(ctx.run), runs.PLANNER_TTL_S)
-
-
-def _plan(ctx: RunContext, project: int, run: str, key: str) -> dict[str, Any]:
-    state = runs.state(ctx.connection, run)
-    version = state.get("version")
+def _target_version(ctx: RunContext) -> str:
+    """The version the run writes: the project's current model, or the one it names if that exists."""
+    version = ctx.run.version()
     if version == runs.CURRENT or not version:
-        version = ctx.predictor.project_version(str(project), ctx.schema)
-    elif (
-        version != ctx.predictor.maskclip_version(ctx.schema)
-        and ctx.predictor.registry.find(str(project), version) is None
-    ):
+        return ctx.predictor.project_version(str(ctx.project), ctx.schema)
+    maskclip = ctx.predictor.maskclip_version(ctx.schema)
+    if version != maskclip and ctx.predictor.registry.find(str(ctx.project), version) is None:
         raise PreannotationError(
             f"version {version!r} is neither MaskCLIP's for this project's labels "
-            f"({ctx.predictor.maskclip_version(ctx.schema)}) nor a student of project {project}."
+            f"({maskclip}) nor a student of project {ctx.project}."
         )
-    ctx.connection.hset(key, mapping={"version": version, "phase": "listing tasks", "heartbeat": time.time()})
+    return version
+
+
+def _plan(ctx: RunContext) -> dict[str, Any]:
+    version = _target_version(ctx)
+    ctx.run.begin_listing(version)
     while True:
-        scopes = [s.decode() for s in ctx.connection.lrange(key + ":extra", 0, -1)]
+        scopes = ctx.run.scopes()
         chunks = _plan_scopes(ctx, version, scopes)
-        ctx.connection.ltrim(key + ":extra", len(scopes), -1)
-        ctx.connection.hset(key, mapping={"planning": 0, "phase": "predicting", "heartbeat": time.time()})
-        waiting = ctx.connection.llen(key + ":todo") + ctx.connection.hlen(key + ":leases")
+        ctx.run.drop_scopes(len(scopes))
+        waiting = ctx.run.planned()
         for _ in range(min(max(chunks, 1 if waiting else 0), MAX_WORK_JOBS)):
-            runs.enqueue_job(ctx.connection, "work_run", project, run, ctx.settings.queue_name)
-        outcome = _try_finish(ctx)
-        if outcome != "plan":
+            ctx.run.queue_job("work_run", ctx.settings.queue_name, ctx.project)
+        if _try_finish(ctx) != "plan":
             break
-    state = runs.state(ctx.connection, run)
-    _update_job(state)
-    log.info("project %s: run %s planned %s tasks for %s", project, run, state.get("total"), version)
-    return runs.progress_meta(state)
+    progress = _update_job(ctx.run)
+    log.info("project %s: run %s planned %s tasks for %s", ctx.project, ctx.run.id, progress.get("total"), version)
+    return progress
 
 
 def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
     """Turn trigger scopes into chunks of tasks; returns how many chunks were queued."""
-    key = runs.state_key(ctx.run)
     whole = runs.WHOLE_PROJECT in scopes
     wanted: set[int] = set()
     for scope in scopes:
@@ -171,23 +187,8 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
     holding = _holding(ctx, version, None if whole else sorted(wanted))
     chunk: list[dict] = []
     made = considered = skipped = 0
-
-    def flush() -> None:
-        nonlocal made, chunk
-        if not chunk:
-            return
-        number = int(ctx.connection.hincrby(key, "chunks", 1))
-        with ctx.connection.pipeline() as pipe:
-            pipe.hset(key + ":chunks", number, json.dumps(chunk))
-            pipe.sadd(key + ":planned", *[t["id"] for t in chunk])
-            pipe.rpush(key + ":todo", number)
-            pipe.execute()
-        _beat(ctx)
-        made += 1
-        chunk = []
-
     for task in _tasks(ctx, None if whole else sorted(wanted)):
-        if ctx.connection.sismember(key + ":planned", task["id"]):
+        if ctx.run.is_planned(task["id"]):
             continue
         considered += 1
         if task["id"] in holding or (skip_annotated and task["annotated"]):
@@ -195,14 +196,20 @@ def _plan_scopes(ctx: RunContext, version: str, scopes: list[str]) -> int:
             continue
         chunk.append({"id": task["id"], "data": task["data"]})
         if len(chunk) >= ctx.settings.preannotate_chunk:
-            flush()
-    flush()
-    with ctx.connection.pipeline() as pipe:
-        pipe.hincrby(key, "total", considered)
-        pipe.hincrby(key, "done", skipped)
-        pipe.hincrby(key, "skipped", skipped)
-        pipe.execute()
+            made += _flush(ctx, chunk)
+            chunk = []
+    made += _flush(ctx, chunk)
+    ctx.run.count_listed(considered, skipped)
     return made
+
+
+def _flush(ctx: RunContext, chunk: list[dict]) -> int:
+    """Queue ``chunk`` (if it has tasks) for the workers; returns how many chunks that made (0 or 1)."""
+    if not chunk:
+        return 0
+    ctx.run.add_chunk(chunk)
+    ctx.run.heartbeat(planner=True)
+    return 1
 
 
 def _tasks(ctx: RunContext, ids: list[int] | None):
@@ -214,14 +221,15 @@ def _tasks(ctx: RunContext, ids: list[int] | None):
     seen = 0
     for task in _listing(ctx, ids, "task_only"):
         seen += 1
-        if seen % _LIST_PAGE == 0:
-            _beat(ctx)
+        if seen % TASK_PAGE == 0:
+            ctx.run.heartbeat(planner=True)
         yield {"id": task.id, "data": task.data, "annotated": bool(task.total_annotations)}
 
 
 def _listing(ctx: RunContext, ids: list[int] | None, fields: str, filters: dict | None = None):
     """The project's tasks (or just ``ids``, a few hundred per listing) in Label Studio's Data Manager."""
-    scopes = [None] if ids is None else [ids[i : i + 500] for i in range(0, len(ids), 500)]
+    step = TASKS_PER_LISTING
+    scopes = [None] if ids is None else [ids[i : i + step] for i in range(0, len(ids), step)]
     for scope in scopes:
         query: dict[str, Any] = {}
         if scope is not None:
@@ -229,7 +237,7 @@ def _listing(ctx: RunContext, ids: list[int] | None, fields: str, filters: dict 
         if filters is not None:
             query["filters"] = filters
         yield from ctx.client.tasks.list(
-            project=ctx.project, fields=fields, page_size=_LIST_PAGE, **({"query": json.dumps(query)} if query else {})
+            project=ctx.project, fields=fields, page_size=TASK_PAGE, **({"query": json.dumps(query)} if query else {})
         )
 
 
@@ -268,19 +276,18 @@ def work_run(project: int, run: str) -> dict[str, Any]:
     job = get_current_job()
     owner = job.id if job is not None else f"local-{uuid.uuid4().hex[:8]}"
     lease_s = ctx.settings.preannotate_lease_s
-    key = runs.state_key(run)
     waited_since = None
     importing: tuple[str, Future] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-import") as imports:
         while True:
-            chunk = chunk_leases.claim(ctx.connection, run, owner, lease_s)
+            chunk = ctx.run.claim(owner, lease_s)
             if chunk is None:
                 if importing is not None:  # ours first: a failed import gives its chunk back to the queue
                     _settle(ctx, importing, owner)
                     importing = None
                     continue
                 # Nothing to take; a chunk leased by another worker may still come back if that worker died.
-                if ctx.connection.hlen(key + ":leases") == 0:
+                if ctx.run.leased() == 0:
                     break
                 waited_since = waited_since or time.monotonic()
                 if time.monotonic() - waited_since > lease_s + 5:
@@ -290,19 +297,16 @@ def work_run(project: int, run: str) -> dict[str, Any]:
             waited_since = None
             try:
                 predicted = _predict_chunk(ctx, chunk, owner)
-            except Exception:  # Label Studio or Redis failed mid-chunk: another attempt, here or elsewhere
+            except Exception as exc:  # Label Studio or Redis failed mid-chunk: another attempt, here or elsewhere
                 log.exception("run %s: chunk %s failed", run, chunk)
-                _give_back(ctx, chunk, owner)
+                _give_back(ctx, chunk, owner, failure_reason(exc, "prediction"))
                 continue
             if importing is not None:
                 _settle(ctx, importing, owner)
             importing = (chunk, imports.submit(_import_chunk, ctx, predicted, owner))
-    outcome = _try_finish(ctx)
-    if outcome == "plan":
-        runs.enqueue_job(ctx.connection, "plan_run", project, run, ctx.settings.queue_name)
-    state = runs.state(ctx.connection, run)
-    _update_job(state)
-    return runs.progress_meta(state)
+    if _try_finish(ctx) == "plan":
+        ctx.run.queue_job("plan_run", ctx.settings.queue_name, project)
+    return _update_job(ctx.run)
 
 
 @dataclass
@@ -318,19 +322,18 @@ class _Predicted:
 
 def _predict_chunk(ctx: RunContext, chunk: str, owner: str) -> _Predicted:
     """Predict a leased chunk's tasks; its lease is renewed from now until its import ends."""
-    key = runs.state_key(ctx.run)
     lease_s = ctx.settings.preannotate_lease_s
     stop = threading.Event()
 
     def beat() -> None:
         while not stop.wait(max(lease_s / 4, 0.5)):
-            chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, lease_s)
-            ctx.connection.hset(key, "heartbeat", time.time())
+            ctx.run.renew(chunk, owner, lease_s)
+            ctx.run.heartbeat()
 
     threading.Thread(target=beat, name="chunk-lease", daemon=True).start()
     try:
-        tasks = json.loads(ctx.connection.hget(key + ":chunks", chunk) or b"[]")
-        version = runs.state(ctx.connection, ctx.run)["version"]
+        tasks = ctx.run.chunk_tasks(chunk)
+        version = ctx.run.version()
         predictions = list(
             ctx.predictor.predict_tasks(tasks, ctx.schema, str(ctx.project), requested=version, fetcher=ctx.fetcher)
         )
@@ -340,20 +343,41 @@ def _predict_chunk(ctx: RunContext, chunk: str, owner: str) -> _Predicted:
     return _Predicted(chunk, tasks, version, predictions, stop)
 
 
+def _unimportable(ctx: RunContext, predicted: _Predicted) -> list[tuple[int, str]]:
+    """``(task, reason)`` for each task of the chunk that has no prediction of the run's version to import.
+
+    Only the run's version is imported: a prediction from another model (a student whose labels no longer
+    match falls back to MaskCLIP) would be imported again by every rerun, which checks for this version.
+    """
+    failed = []
+    for task, prediction in zip(predicted.tasks, predicted.predictions):
+        if prediction is None:
+            failed.append((task["id"], ctx.fetcher.reason(task["id"])))
+        elif prediction["model_version"] != predicted.version:
+            log.warning(
+                "task %s: predicted by %s, not %s; not imported",
+                task["id"],
+                prediction["model_version"],
+                predicted.version,
+            )
+            failed.append(
+                (
+                    task["id"],
+                    f"predicted by {prediction['model_version']}, not {predicted.version}: that model no "
+                    "longer serves the project's labels",
+                )
+            )
+    return failed
+
+
 def _import_chunk(ctx: RunContext, predicted: _Predicted, owner: str) -> None:
     """Import a chunk's predictions of the run's version that no task holds yet, count them, free the lease."""
-    key = runs.state_key(ctx.run)
-    chunk, tasks, version, predictions = predicted.chunk, predicted.tasks, predicted.version, predicted.predictions
+    chunk, tasks, version = predicted.chunk, predicted.tasks, predicted.version
     try:
-        # Only the run's version is imported: a prediction from another model (a student whose labels no longer
-        # match falls back to MaskCLIP) would be imported again by every rerun, which checks for this version.
-        for task, prediction in zip(tasks, predictions):
-            if prediction is not None and prediction["model_version"] != version:
-                log.warning(
-                    "task %s: predicted by %s, not %s; not imported", task["id"], prediction["model_version"], version
-                )
-        failed = [t["id"] for t, p in zip(tasks, predictions) if p is None or p["model_version"] != version]
-        ready = {t["id"]: p for t, p in zip(tasks, predictions) if p is not None and p["model_version"] == version}
+        failed = _unimportable(ctx, predicted)
+        ready = {
+            t["id"]: p for t, p in zip(tasks, predicted.predictions) if p is not None and p["model_version"] == version
+        }
         # Checked right before the import: another worker (or run) may have written the version meanwhile.
         done_already = _holding(ctx, version, list(ready)) if ready else set()
         entries = [
@@ -361,23 +385,19 @@ def _import_chunk(ctx: RunContext, predicted: _Predicted, owner: str) -> None:
             for t, p in ready.items()
             if t not in done_already
         ]
-        if not chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, ctx.settings.preannotate_lease_s):
-            log.warning("run %s: chunk %s was taken over by another worker; dropping this attempt", ctx.run, chunk)
+        if not ctx.run.renew(chunk, owner, ctx.settings.preannotate_lease_s):
+            log.warning("run %s: chunk %s was taken over by another worker; dropping this attempt", ctx.run.id, chunk)
             return
         if entries:
             ctx.client.projects.import_predictions(id=ctx.project, request=entries)
         if failed:
-            log.warning("run %s: tasks %s got no prediction (image failed); a later run retries them", ctx.run, failed)
-        with ctx.connection.pipeline() as pipe:
-            pipe.hincrby(key, "done", len(tasks))
-            pipe.hincrby(key, "predicted", len(entries))
-            pipe.hincrby(key, "failed", len(failed))
-            pipe.hincrby(key, "skipped", len(done_already))
-            pipe.hset(key, "heartbeat", time.time())
-            pipe.execute()
+            log.warning(
+                "run %s: tasks %s got no prediction; a later run retries them", ctx.run.id, [t for t, _ in failed]
+            )
+        ctx.run.record_chunk(tasks=len(tasks), predicted=len(entries), skipped=len(done_already), failed=failed)
     finally:
         predicted.stop.set()
-    chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, None)
+    ctx.run.release(chunk, owner)
 
 
 def _settle(ctx: RunContext, importing: tuple[str, Future], owner: str) -> None:
@@ -385,45 +405,41 @@ def _settle(ctx: RunContext, importing: tuple[str, Future], owner: str) -> None:
     chunk, future = importing
     try:
         future.result()
-    except Exception:  # Label Studio or Redis failed mid-import
-        log.exception("run %s: chunk %s failed", ctx.run, chunk)
-        _give_back(ctx, chunk, owner)
-    _update_job(runs.state(ctx.connection, ctx.run))
+    except Exception as exc:  # Label Studio or Redis failed mid-import
+        log.exception("run %s: chunk %s failed", ctx.run.id, chunk)
+        _give_back(ctx, chunk, owner, failure_reason(exc, "import"))
+    _update_job(ctx.run)
 
 
-def _give_back(ctx: RunContext, chunk: str, owner: str) -> None:
+def _give_back(ctx: RunContext, chunk: str, owner: str, reason: str) -> None:
     """Return a failed chunk to the queue; after ``MAX_ATTEMPTS`` its tasks count as failed (a later run retries)."""
-    key = runs.state_key(ctx.run)
-    attempts = int(ctx.connection.hincrby(key + ":attempts", chunk, 1))
-    if not chunk_leases.renew(ctx.connection, ctx.run, chunk, owner, None):
-        return  # another worker has it already
-    if attempts < MAX_ATTEMPTS:
-        ctx.connection.rpush(key + ":todo", chunk)
-        return
-    tasks = json.loads(ctx.connection.hget(key + ":chunks", chunk) or b"[]")
-    log.error(
-        "run %s: chunk %s failed %d times; its %d tasks are left for a later run", ctx.run, chunk, attempts, len(tasks)
-    )
-    with ctx.connection.pipeline() as pipe:
-        pipe.hincrby(key, "done", len(tasks))
-        pipe.hincrby(key, "failed", len(tasks))
-        pipe.execute()
+    if ctx.run.give_back(chunk, owner, reason) == "given up":
+        log.error(
+            "run %s: chunk %s failed too often (%s); its tasks are left for a later run", ctx.run.id, chunk, reason
+        )
+
+
+def failure_reason(exc: BaseException, stage: str) -> str:
+    """A short sentence for a failed chunk's tasks, e.g. "Label Studio refused the import (HTTP 400): ..."."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(exc, ApiError) or status is not None:
+        body = getattr(exc, "body", None)
+        detail = f": {body}" if body else ""
+        return f"Label Studio refused the {stage} (HTTP {status}){detail}"
+    if isinstance(exc, RedisError):
+        return f"the {stage} failed: Redis was unreachable ({exc.__class__.__name__})"
+    return f"the {stage} failed: {exc.__class__.__name__}: {exc}"
 
 
 def _try_finish(ctx: RunContext) -> str:
-    """End the run if nothing is left (see ``runs.try_finish``); a run that switches the project's version does so
-    first, so a run reads as done only once annotators see its proposals. Setting the version twice (two workers
-    finding nothing left) is harmless; a failure to set it leaves the run open for a retry."""
-    state = runs.state(ctx.connection, ctx.run)
-    if state.get("set_project_version") and runs.nothing_left(ctx.connection, ctx.run):
+    """End the run if nothing is left (see :meth:`PreannotationRun.try_finish`); a run that switches the project's
+    version does so first, so a run reads as done only once annotators see its proposals. Setting the version
+    twice (two workers finding nothing left) is harmless; a failure to set it leaves the run open for a retry."""
+    state = ctx.run.state()
+    if state.get("set_project_version") and ctx.run.nothing_left():
         # Label Studio shows annotators the predictions whose model_version equals the project's.
         ctx.client.projects.update(id=ctx.project, model_version=state["version"])
-    outcome = runs.try_finish(ctx.connection, ctx.run, ctx.project, state.get("version_key", runs.CURRENT))
+    outcome = ctx.run.try_finish()
     if outcome == "done":
-        log.info(
-            "project %s: pre-annotation run %s done: %s",
-            ctx.project,
-            ctx.run,
-            runs.progress_meta(runs.state(ctx.connection, ctx.run)),
-        )
+        log.info("project %s: pre-annotation run %s done: %s", ctx.project, ctx.run.id, ctx.run.progress())
     return outcome

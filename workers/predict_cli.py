@@ -9,10 +9,10 @@ from redis import Redis
 from tqdm import tqdm
 
 from maskclip_service import preannotation_runs as runs
+from maskclip_service.defaults import LOST_AFTER_S
 from maskclip_service.errors import ServiceError
 from maskclip_service.redis_connection import connect
 from maskclip_service.settings import Settings
-from maskclip_service.training_queue import LOST_AFTER_S
 
 
 @click.command()
@@ -33,14 +33,8 @@ def predict(project: int, redis_url: str, version: str | None, wait: bool, set_p
     except ServiceError as exc:
         raise click.ClickException(str(exc)) from exc
     connection = connect(redis_url)
-    run, status = runs.start_run(
-        connection,
-        project,
-        version=version,
-        trigger="cli",
-        set_project_version=set_project_version,
-        queue_name=settings.queue_name,
-        lost_after_s=LOST_AFTER_S,
+    run, status = runs.queue_preannotation(
+        connection, settings, project, version=version, trigger="cli", set_project_version=set_project_version
     )
     click.echo(f"{status}: pre-annotation run {run} for project {project}")
     if wait:

@@ -19,8 +19,9 @@ from typing import Any
 from rq import get_current_job
 from tqdm import tqdm
 
+from maskclip_service.defaults import HEARTBEAT_S
 from maskclip_service.errors import JobSupersededError
-from maskclip_service.training_queue import HEARTBEAT_S, claim, owner
+from maskclip_service.training_queue import claim, owner
 
 log = logging.getLogger(__name__)
 

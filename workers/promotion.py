@@ -18,7 +18,8 @@ from redis import Redis
 from redis.exceptions import LockError, RedisError
 
 from maskclip_engine.students.registry import ModelRegistry, StudentVersion
-from maskclip_service.training_queue import ACTIVATION_LOCK_S, activation_lock, claim, owner
+from maskclip_service.defaults import ACTIVATION_LOCK_S
+from maskclip_service.training_queue import activation_lock, claim, owner
 
 log = logging.getLogger(__name__)
 
