@@ -13,8 +13,10 @@ from PIL import Image, ImageDraw
 
 from maskclip_engine.features.image_features import ImageFeatures
 from maskclip_engine.students.training import TrainingImage
+from maskclip_service.settings import Settings
 
 from .auth import LabelStudioAuth
+from .connection import require_label_studio
 from .errors import AnnotationError, ImageFetchError, ImageHostUnreachableError, ProjectDataError
 from .fetching import ImageFetcher
 from .label_config import LabelControl, parse_label_config
@@ -123,6 +125,30 @@ def _held_out(task_id: int, fraction: float) -> bool:
 
 
 Encode = Callable[[np.ndarray], ImageFeatures]
+
+
+def read_project(
+    settings: Settings,
+    project: int,
+    short_side: int,
+    *,
+    auth: LabelStudioAuth | None = None,
+    encode: Encode | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ProjectData:
+    """:func:`load_project` as every job reads a project: its Label Studio found by the one rule
+    (:func:`.connection.require_label_studio`, unless ``auth`` is given), images fetched within the settings'
+    limits, and the settings' held-out share."""
+    auth = auth or require_label_studio(settings, project)
+    return load_project(
+        auth,
+        ImageFetcher(settings, auth),
+        project,
+        settings.holdout_fraction,
+        short_side=short_side,
+        encode=encode,
+        progress=progress,
+    )
 
 
 def load_project(

@@ -11,6 +11,7 @@ import hashlib
 import json
 
 from maskclip_engine import SegmentOptions
+from maskclip_engine.students.registry import parse_student_version
 
 from .label_config import ProjectSchema
 
@@ -57,5 +58,6 @@ def maskclip_version(base: str, schema: ProjectSchema | None) -> str:
 
 
 def is_student_version(version: str | None) -> bool:
-    """Students are named ``student-p<project>-v<number>``; every other version is MaskCLIP's."""
-    return bool(version) and str(version).startswith("student-")
+    """Students are named ``student-p<project>-v<number>`` (the engine's registry writes and parses the names);
+    every other version is MaskCLIP's."""
+    return parse_student_version(version) is not None

@@ -193,63 +193,22 @@ def review(project: int, out_dir: Path | None) -> None:
 )
 def eval_project(project: int, configs: tuple[str, ...], out_file: Path | None) -> None:
     """mIoU of MaskCLIP and the project's students against the project's accepted annotations."""
-    from ls_integration.connection import require_label_studio
-    from ls_integration.fetching import ImageFetcher
-    from ls_integration.training_data import load_project
     from maskclip_engine import MaskClipError
-    from maskclip_engine.evaluation.evaluate import (
-        EvalConfig,
-        Sample,
-        config_predictor,
-        evaluate_configs,
-        report_json,
-        report_table,
-    )
-    from maskclip_engine.students.registry import ModelRegistry
 
-    from .context import shared_segmenter
+    from .eval_job import eval_project as run_eval
 
-    settings = _settings()
+    _settings()
     try:
-        auth = require_label_studio(settings, project)  # the rule every job follows
-    except ServiceError as exc:
-        raise click.ClickException(str(exc)) from exc
-    segmenter = shared_segmenter(settings)
-    try:
-        data = load_project(
-            auth,
-            ImageFetcher(settings, auth),
+        report = run_eval(
             project,
-            settings.holdout_fraction,
-            short_side=settings.segment.short_side,
+            list(configs),
+            out=str(out_file) if out_file is not None else None,
+            progress=lambda it: tqdm(it, desc="evaluating", unit="image", disable=None),
         )
-    except ServiceError as exc:
+    except (ServiceError, MaskClipError) as exc:
         raise click.ClickException(str(exc)) from exc
-    samples = [
-        Sample(f"image {i}", item.image, item.labels)
-        for i, item in enumerate(data.train + data.held_out)
-        if item.labels is not None
-    ]
-    if not samples:
-        raise click.ClickException(f"project {project} has no accepted annotations to evaluate against.")
-    classes = ["|".join(prompts) for prompts in data.control.prompts]
-    parsed = [EvalConfig.parse(text) for text in configs]
-    if not parsed:
-        parsed = [EvalConfig(settings.segment.dense_mode)]
-        active = ModelRegistry(settings.model_dir).active(project)
-        if active is not None:
-            parsed.append(EvalConfig(active.name, student=str(active.checkpoint)))
-    try:
-        predictors = {c.name: config_predictor(segmenter, c, classes, "none", 0.0) for c in parsed}
-    except MaskClipError as exc:
-        raise click.ClickException(str(exc)) from exc
-    results = evaluate_configs(
-        predictors, samples, len(classes), progress=lambda it: tqdm(it, desc="evaluating", unit="image", disable=None)
-    )
-    click.echo(f"project {project}: {len(samples)} annotated images")
-    click.echo(report_table(results, classes))
-    if out_file is not None:
-        out_file.write_text(report_json(results, classes, project=project, samples=len(samples)))
+    click.echo(f"project {project}: {report['samples']} annotated images")
+    click.echo(report["table"])
 
 
 if __name__ == "__main__":

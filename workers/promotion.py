@@ -21,7 +21,28 @@ from maskclip_engine.students.registry import ModelRegistry, StudentVersion
 from maskclip_service.defaults import ACTIVATION_LOCK_S
 from maskclip_service.training_queue import activation_lock, claim, owner
 
+from .candidate import Candidate
+from .follow_ups import queue_after_promotion
+
 log = logging.getLogger(__name__)
+
+
+def promote_candidate(
+    candidate: Candidate, version: StudentVersion, judged_against: str | None
+) -> tuple[bool, str | None]:
+    """Make a judged candidate, stored as ``version``, active if it still should be (:func:`promote`), and queue
+    its proposals everywhere once it is; returns ``(activated, why not)``."""
+
+    def rejudge() -> tuple[bool, str]:
+        again = candidate.judge()
+        return again.promoted, again.reason
+
+    job = candidate.job
+    connection, job_id = (job.connection, job.id) if job is not None else (None, None)
+    promoted, refused = promote(connection, candidate.registry, version, judged_against, rejudge, job_id)
+    if promoted:  # not when activation found a newer job or a better model
+        queue_after_promotion(candidate.project, version.name)  # the student's proposals everywhere
+    return promoted, refused
 
 
 def promote(

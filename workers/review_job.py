@@ -18,8 +18,7 @@ from rq import get_current_job
 
 from ls_integration.connection import require_label_studio
 from ls_integration.errors import ProjectDataError
-from ls_integration.fetching import ImageFetcher
-from ls_integration.training_data import load_project
+from ls_integration.training_data import read_project
 from maskclip_engine import LabelSet
 from maskclip_engine.review.confident_learning import ReviewConfig, review_annotations
 from maskclip_engine.review.report import ReviewedItem, mark_latest, new_review_folder, write_report
@@ -40,13 +39,12 @@ def review_project(
     report = report or _job_meta
     report({"phase": "loading model"})
     segmenter = shared_segmenter(settings).with_options(settings.segment)
-    auth = require_label_studio(settings, project)
-    data = load_project(
-        auth,
-        ImageFetcher(settings, auth),
+    auth = require_label_studio(settings, project)  # also where the review's links point
+    data = read_project(
+        settings,
         project,
-        settings.holdout_fraction,
         short_side=max(settings.train_crop, settings.segment.short_side),
+        auth=auth,
         encode=lambda image: segmenter.encode(image, mode="whole"),
         progress=lambda done, total: report({"phase": "fetching data", "fetched": done, "tasks": total}),
     )

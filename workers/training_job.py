@@ -16,23 +16,21 @@ from typing import Any
 
 from rq import get_current_job
 
-from ls_integration.connection import require_label_studio
 from ls_integration.errors import ProjectDataError
-from ls_integration.fetching import ImageFetcher
-from ls_integration.training_data import ProjectData, load_project
+from ls_integration.training_data import ProjectData, read_project
 from maskclip_engine import InvalidOptionError, LabelSet, Segmenter
 from maskclip_engine.students.checkpoint import StudentCheckpoint
-from maskclip_engine.students.gate import GateConfig, Verdict, judge
+from maskclip_engine.students.gate import Verdict
 from maskclip_engine.students.network import StudentConfig
-from maskclip_engine.students.registry import ModelRegistry, StudentVersion
 from maskclip_engine.students.training import TrainConfig, train_student
 from maskclip_service.settings import Settings
 from maskclip_service.training_queue import release_job
 
+from .candidate import Candidate
 from .context import shared_segmenter
-from .follow_ups import queue_after_promotion, queue_review
+from .follow_ups import queue_review
 from .progress import Progress
-from .promotion import promote
+from .promotion import promote_candidate
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +62,7 @@ def train_project(
         data = _read_project(settings, segmenter, project, config, progress)
         labels = LabelSet.parse([list(p) for p in data.control.prompts])
         checkpoint = _train(segmenter, settings, data, labels, config, trigger, progress)
-        result = _judge_and_store(segmenter, settings, project, checkpoint, labels, data, progress, job)
+        result = _judge_and_store(Candidate(project, settings, segmenter, checkpoint, labels, data, progress, job))
         if settings.review_after_training:
             result["review"] = queue_review(project, trigger="training")
         progress.update(force=True, phase="done", **result)
@@ -98,18 +96,15 @@ def _read_project(
 ) -> ProjectData:
     """Images and accepted annotations; a ``clip`` student's CLIP features come from the feature store."""
     progress.update(force=True, phase="fetching data")
-    auth = require_label_studio(settings, project)
     encode = None
     if settings.student_backbone == "clip":
 
         def encode(image):
             return segmenter.encode(image, mode="whole")
 
-    data = load_project(
-        auth,
-        ImageFetcher(settings, auth),
+    data = read_project(
+        settings,
         project,
-        settings.holdout_fraction,
         short_side=max(config.crop, settings.segment.short_side),
         encode=encode,
         progress=lambda done, total: progress.update(phase="fetching data", fetched=done, tasks=total),
@@ -165,31 +160,19 @@ def _train(
     )
 
 
-def _judge_and_store(
-    segmenter: Segmenter,
-    settings: Settings,
-    project: int,
-    checkpoint: StudentCheckpoint,
-    labels: LabelSet,
-    data: ProjectData,
-    progress: Progress,
-    job: Any,
-) -> dict[str, Any]:
+def _judge_and_store(candidate: Candidate) -> dict[str, Any]:
     """Judge the candidate, store it as a new version, and promote it when the gate says so."""
-    progress.update(force=True, phase="evaluating")
-    registry = ModelRegistry(settings.model_dir)
-    gate = GateConfig(margin=settings.gate_margin, confidence=settings.gate_confidence)
-    judged_against = registry.active_name(project)
-    verdict = judge(segmenter, registry, project, checkpoint, labels, data.held_out, gate)
-    checkpoint.metrics = _metrics(verdict)
-    progress.check_owner()  # a replaced job stores nothing
-    version = registry.add(project, checkpoint)
+    project, data = candidate.project, candidate.data
+    candidate.progress.update(force=True, phase="evaluating")
+    judged_against = candidate.registry.active_name(project)
+    verdict = candidate.judge()
+    candidate.checkpoint.metrics = _metrics(verdict)
+    candidate.progress.check_owner()  # a replaced job stores nothing
+    version = candidate.registry.add(project, candidate.checkpoint)
     promoted, reason = verdict.promoted, verdict.reason
     if promoted:
-        promoted, reason = _promote(
-            segmenter, registry, project, checkpoint, labels, data, gate, version, judged_against, job
-        )
-        reason = reason or verdict.reason
+        promoted, refused = promote_candidate(candidate, version, judged_against)
+        reason = refused or verdict.reason
     return {
         "project": project,
         "version": version.name,
@@ -199,29 +182,6 @@ def _judge_and_store(
         "skipped_images": data.skipped,  # tasks whose image could not be fetched (warned in the log)
         "skipped_annotations": data.skipped_annotations,  # annotations that could not be read
     }
-
-
-def _promote(
-    segmenter: Segmenter,
-    registry: ModelRegistry,
-    project: int,
-    checkpoint: StudentCheckpoint,
-    labels: LabelSet,
-    data: ProjectData,
-    gate: GateConfig,
-    version: StudentVersion,
-    judged_against: str | None,
-    job: Any,
-) -> tuple[bool, str | None]:
-    def rejudge() -> tuple[bool, str]:
-        again = judge(segmenter, registry, project, checkpoint, labels, data.held_out, gate)
-        return again.promoted, again.reason
-
-    connection, job_id = (job.connection, job.id) if job is not None else (None, None)
-    promoted, refused = promote(connection, registry, version, judged_against, rejudge, job_id)
-    if promoted:  # not when activation found a newer job or a better model
-        queue_after_promotion(project, version.name)  # the student's proposals everywhere
-    return promoted, refused
 
 
 def _metrics(verdict: Verdict) -> dict[str, Any]:

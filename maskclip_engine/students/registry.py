@@ -27,7 +27,26 @@ from maskclip_engine.atomic import atomic_write
 from maskclip_engine.students.checkpoint import StudentCheckpoint
 
 _VERSION_FILE = re.compile(r"^v(\d+)\.json$")
+# A student's version name, the one Label Studio stores with its predictions: "student-p<project>-v<number>".
+_STUDENT_NAME = re.compile(r"^student-p(?P<project>[A-Za-z0-9_]+)-v(?P<number>[1-9]\d*)$")
 _TAKEN = re.compile(r"^\.?v(\d+)\.(pt|reserved)$")  # a stored checkpoint or a number another process reserved
+
+
+def student_version_name(project: str | int, number: int) -> str:
+    """The version name of ``project``'s student number ``number``, e.g. ``student-p12-v3``: written here and
+    read back by :func:`parse_student_version`, the one place that knows the format."""
+    return f"student-p{project}-v{number}"
+
+
+def parse_student_version(name: str | None) -> tuple[str, int] | None:
+    """``(project, number)`` of a student's version name; None for any other name (MaskCLIP's versions)."""
+    match = _STUDENT_NAME.match(name) if isinstance(name, str) else None
+    return (match.group("project"), int(match.group("number"))) if match else None
+
+
+def is_student_version(name: str | None) -> bool:
+    """Whether ``name`` is a student's version name (:func:`student_version_name`)."""
+    return parse_student_version(name) is not None
 
 
 @dataclass(frozen=True)
@@ -66,7 +85,7 @@ class ModelRegistry:
 
     @staticmethod
     def version_name(project: str | int, number: int) -> str:
-        return f"student-p{project}-v{number}"
+        return student_version_name(project, number)
 
     def versions(self, project: str | int) -> list[StudentVersion]:
         folder = self.folder(project)
