@@ -12,6 +12,7 @@ from ls_integration.errors import BadRequestError
 from ls_integration.ids import is_id
 from ls_integration.label_config import ProjectSchema
 from ls_integration.project_links import ProjectLinks
+from maskclip_service.agreement_queue import enqueue_comparison
 from maskclip_service.errors import QueueUnavailableError
 from maskclip_service.preannotation_runs import publish_metrics, queue_preannotation
 from maskclip_service.prometheus import Metrics
@@ -97,6 +98,22 @@ class JobTriggers:
             return count_annotation(self.connection(), int(project), self.settings.train_every)
         except RedisError as exc:
             raise QueueUnavailableError(f"the training queue is unreachable: {exc}") from exc
+
+    def compare_annotation(self, project: str, body: dict[str, Any]) -> dict[str, Any]:
+        """ANNOTATION_CREATED / ANNOTATION_UPDATED: queue the comparison of the annotation with its task's
+        proposal. Never fails the webhook: without a queue the answer says why nothing was queued."""
+        annotation = body.get("annotation")
+        ident = annotation.get("id") if isinstance(annotation, dict) else None
+        if not is_id(str(project)) or not is_id(ident):
+            return {"status": "ignored", "reason": "the payload names no project and annotation id"}
+        if not self.settings.redis_url:
+            return {"status": "ignored", "reason": "no queue (REDIS_URL): run `maskclip agreement --project ID`"}
+        try:
+            job = enqueue_comparison(self.connection(), int(project), int(ident), self.settings.queue_name)
+        except RedisError as exc:
+            log.warning("project %s: annotation %s is not compared: %s", project, ident, exc)
+            return {"status": "not queued", "reason": f"the queue is unreachable: {exc}"}
+        return {"status": "queued", "job": job}
 
     def publish_preannotation(self, metrics: Metrics) -> None:
         """Pre-annotation progress into ``/metrics`` (a missing or unreachable queue just leaves it out)."""

@@ -13,6 +13,8 @@ TRAIN_PROJECT = "workers.training_job.train_project"
 PLAN_PREANNOTATION = "workers.preannotate.plan_run"
 WORK_PREANNOTATION = "workers.preannotate.work_run"
 REVIEW_PROJECT = "workers.review_job.review_project"
+COMPARE_ANNOTATION = "workers.agreement_job.compare_annotation"
+COMPARE_PROJECT = "workers.agreement_job.compare_project"
 
 PREANNOTATION_JOBS = {"plan_run": PLAN_PREANNOTATION, "work_run": WORK_PREANNOTATION}
 

@@ -6,9 +6,12 @@ process (tests build many) never share or collide on counters.
 
 from __future__ import annotations
 
+import bisect
 import threading
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -54,6 +57,46 @@ FAMILIES: dict[str, tuple[type[MetricWrapperBase], str, tuple[str, ...]]] = {
     ),
 }
 
+# Histograms rebuilt from state kept elsewhere (files every worker writes), set whole at each scrape rather
+# than observed one value at a time in this process: name -> (help, label names, bucket upper bounds).
+DISTRIBUTIONS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
+    "maskclip_annotation_agreement_iou": (
+        "Mean IoU of each submitted annotation with the proposal its task held, by model version "
+        "(1: kept as proposed, 0: repainted).",
+        ("project", "version"),
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+    ),
+}
+
+
+class _Distributions:
+    """A collector serving the latest snapshot of each of :data:`DISTRIBUTIONS`."""
+
+    def __init__(self) -> None:
+        self.series: dict[str, dict[tuple[str, ...], list[float]]] = {}
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self.lock:
+            snapshot = {name: dict(series) for name, series in self.series.items()}
+        for name, series in snapshot.items():
+            text, labels, bounds = DISTRIBUTIONS[name]
+            family = HistogramMetricFamily(name, text, labels=labels)
+            for values, observed in sorted(series.items()):
+                counts = [0] * (len(bounds) + 1)
+                for value in observed:
+                    counts[bisect.bisect_left(bounds, value)] += 1
+                cumulative, buckets = 0, []
+                for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+                    cumulative += count
+                    buckets.append((_bound(bound), cumulative))
+                family.add_metric(list(values), buckets, sum(observed))
+            yield family
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))
+
 
 class Metrics:
     """Counters, gauges and summaries by name, as the rest of the code calls them; thread-safe."""
@@ -62,6 +105,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._families: dict[str, MetricWrapperBase] = {}
         self._lock = threading.Lock()
+        self._distributions = _Distributions()
+        self.registry.register(self._distributions)
 
     def _family(self, name: str) -> MetricWrapperBase:
         with self._lock:
@@ -90,6 +135,17 @@ class Metrics:
         """Drop every labelled series of a gauge family (before re-reading state that may have ended)."""
         family = self._family(name)
         family.clear()
+
+    def set_distribution(self, name: str, series: Mapping[tuple[str, ...], Iterable[float]]) -> None:
+        """Replace histogram ``name`` (one of :data:`DISTRIBUTIONS`) by ``series``: label values, in the
+        order its label names are declared, to every value observed."""
+        if name not in DISTRIBUTIONS:
+            raise KeyError(f"unknown distribution {name!r}; declare it in maskclip_service/prometheus.py DISTRIBUTIONS")
+        width = len(DISTRIBUTIONS[name][1])
+        if any(len(labels) != width for labels in series):
+            raise ValueError(f"{name} takes {width} label values per series")
+        with self._distributions.lock:
+            self._distributions.series[name] = {tuple(map(str, k)): [float(v) for v in vs] for k, vs in series.items()}
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

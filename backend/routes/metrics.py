@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
+from ls_integration.agreement import publish_agreement
 from maskclip_service.prometheus import CONTENT_TYPE
 
 from ..services import services
@@ -15,6 +16,7 @@ bp = Blueprint("metrics", __name__)
 def prometheus():
     s = services()
     s.triggers.publish_preannotation(s.metrics)
+    publish_agreement(s.settings.model_dir, s.metrics)
     features = s.predictor.segmenter.features
     for source, count in (
         ("memory", features.from_memory),

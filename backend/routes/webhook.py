@@ -32,8 +32,14 @@ def webhook():
     project = payload_project(body)
     if action == "START_TRAINING":
         return jsonify(s.triggers.train(project, "start_training"))
-    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED") and s.triggers.annotation_counted(project):
-        return jsonify(s.triggers.train(project, f"every {s.settings.train_every} annotations"))
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED"):
+        # Queued before training is counted, so a training trigger's answer carries it too.
+        agreement = s.triggers.compare_annotation(project, body)
+        if s.triggers.annotation_counted(project):
+            return jsonify(
+                {**s.triggers.train(project, f"every {s.settings.train_every} annotations"), "agreement": agreement}
+            )
+        return jsonify({"status": "received", "action": action, "agreement": agreement})
     return jsonify({"status": "received", "action": action})
 
 
