@@ -124,6 +124,7 @@ body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
+<p><a href="../../projects/{html.escape(str(document.get("project", "")))}/">The project's page</a>: runs, models.</p>
 <p>{len(document["annotations"])} annotations judged by {html.escape(str(document.get("judge", "")))}
 ({html.escape(str(document.get("created", "")))}); {flagged} flagged as probably wrong (score below
 {document.get("flag_below", "")}). Most suspect first; 0 means surely wrong, 1 consistent.</p>
