@@ -385,3 +385,65 @@ def test_the_first_click_on_a_pre_annotated_task_is_served_from_the_store(
     assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == [CLASSES[1]]
     after = feature_lookups(backend)
     assert after["store"] == lookups.get("store", 0) + 1 and after["computed"] == lookups.get("computed", 0)
+
+
+def _deployed_worker(worker_env: dict[str, str], log: Path) -> subprocess.Popen:
+    # Not --burst: a worker with nothing queued for a moment (its peer importing the last chunks) stays, as deployed.
+    command = [sys.executable, "-m", "workers.cli", "--redis-url", worker_env["REDIS_URL"]]
+    with open(log, "wb") as out:
+        return subprocess.Popen(command, env={**os.environ, **worker_env}, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_two_workers_share_a_run_and_one_killed_mid_run_loses_nothing(
+    label_studio: LabelStudio, worker_env, env, redis_server, documents: Path, tmp_path: Path
+) -> None:
+    redis_server.flushall()
+    project = new_project(label_studio, "shared run, one worker killed")
+    names = make_images(documents, "shared-kill", 48)
+    tasks = import_images(label_studio, project, names + names + names)  # 144 tasks, 18 chunks of 8
+    survivor = _deployed_worker(worker_env, tmp_path / "survivor.log")
+    victim = _deployed_worker(worker_env, tmp_path / "victim.log")
+    run, _ = runs.start_run(redis_server, project, queue_name=QUEUE)
+    try:
+        _kill_one_mid_run(redis_server, run, survivor, victim, tmp_path)
+        deadline = time.monotonic() + 240
+        while runs.state(redis_server, run).get("phase") != "done":
+            assert survivor.poll() is None, (tmp_path / "survivor.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"the run never finished: {runs.state(redis_server, run)}"
+            time.sleep(0.2)
+    finally:
+        for process in (survivor, victim):
+            if process.poll() is None:
+                process.terminate()  # warm shutdown; a worker in the middle of a job may take longer: then kill
+                try:
+                    process.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    state = runs.state(redis_server, run)
+    assert state["phase"] == "done" and state["total"] == len(tasks), state
+    # A chunk the victim had imported just before it died is found already predicted when retaken: skipped.
+    assert int(state.get("failed") or 0) == 0, str(state)
+    assert int(state["predicted"]) + int(state.get("skipped") or 0) == len(tasks), str(state)
+    found = versions_by_task(label_studio, project)
+    assert len(found) == len(tasks)
+    assert all(len(v) == 1 for v in found.values()), Counter(map(tuple, found.values()))  # none twice, none missing
+
+
+def _kill_one_mid_run(redis_server, run: str, survivor, victim, tmp_path: Path) -> None:
+    """SIGKILL ``victim`` while both workers hold a chunk of the run: its chunk must be taken over."""
+
+    def both_working_and_victim_holds_a_chunk() -> bool:
+        leases = runs.lease_owners(redis_server, run)
+        state = runs.state(redis_server, run)
+        return int(state.get("done") or 0) >= 8 and len(set(leases)) >= 2
+
+    deadline = time.monotonic() + 180
+    while not both_working_and_victim_holds_a_chunk():
+        for process, log in ((survivor, "survivor.log"), (victim, "victim.log")):
+            assert process.poll() is None, (tmp_path / log).read_text()[-3000:]
+        assert time.monotonic() < deadline, f"both workers never held chunks at once: {runs.state(redis_server, run)}"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)  # while both hold a chunk: the victim's is taken over once its lease lapses
+    victim.wait()
+    assert runs.state(redis_server, run).get("phase") != "done"
