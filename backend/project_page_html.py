@@ -215,12 +215,19 @@ def _store(store: dict[str, Any]) -> str:
     if not store["enabled"]:
         size = "no feature store (MASKCLIP_FEATURE_STORE_GB is 0)"
     else:
-        size = f"{store['entries']} entries, {store['bytes'] / 1024**2:.1f} MiB"
+        size = f"{store['entries']} entries, {_bytes(store['bytes'])}"
     rate = "–" if store["hit_rate"] is None else f"{store['hit_rate']:.0%}"
     return (
         f"<p>Feature store: {_e(size)}. Backbone lookups of this process: {store['from_memory']} from memory, "
         f"{store['from_store']} from the store, {store['computed']} computed (hit rate {rate}).</p>"
     )
+
+
+def _bytes(count: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _review(review: dict[str, Any] | None) -> str:
