@@ -52,11 +52,11 @@ def compare_jobs(redis) -> int:
 
 def test_the_status_shows_the_run_the_model_and_how_much_annotators_changed(
     label_studio: LabelStudio,
-    backend: Backend,
-    env,
-    redis_server,
+    backend: Backend,  # noqa: F811
+    env,  # noqa: F811
+    redis_server,  # noqa: F811
     documents: Path,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     redis_server.flushall()
     project = new_project(label_studio, "project page")
