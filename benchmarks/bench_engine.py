@@ -120,7 +120,8 @@ def _sync(segmenter: Segmenter) -> None:
 
 
 MODES = ("maskclip", "sclip", "clearclip", "naclip", "scclip", "sfp")
-# The later methods' own harness: 224 windows every 112 pixels at short side 336 (maskclip_engine/evaluation/protocols/scclip-*).
+# The later methods' own harness: 224 windows every 112 pixels at short side 336
+# (maskclip_engine/evaluation/protocols/scclip-*).
 HARNESS = {"mode": "slide", "short_side": 336, "crop": 224, "stride": 112, "key_smoothing": False,
            "prompt_denoising": False}  # fmt: skip
 
