@@ -3,16 +3,21 @@
 1. Throughput (images per second) of each training phase for each backbone and recipe.
 2. With ``--full``: Start Training to an active student for a project of 50
    annotated and 200 unannotated 512x512 images (generated scenes; the Label
-   Studio download is not included) whose CLIP features are already in the
-   feature store, as pre-annotation leaves them: train with the configured
-   schedule, judge the candidate against MaskCLIP on the held-out images (the
-   gate's bootstrap), store and activate it. The same scenes and seed also run
-   the pixel recipe (a CLIP pass per crop and step), for the time and the
-   held-out mIoU it gives.
+   Studio download is not included; ``--annotated``/``--plain`` change the
+   counts, a fifth of the annotated images is held out as the job does) whose
+   CLIP features are already in the feature store, as pre-annotation leaves
+   them: train, judge the candidate against MaskCLIP on the held-out images
+   (the gate's bootstrap), store and activate it. Each schedule of
+   ``--schedules`` (adaptive: steps follow the data; fixed: 400 steps) runs on
+   the same scenes and seed, side by side, and so does the pixel recipe (a
+   CLIP pass per crop and step) unless ``--no-pixel``. "x first pass" is Start
+   Training's time over the CLIP pass of the project's images (what a first
+   pre-annotation pass spends most of its time on).
 
 Random CLIP weights (timing does not depend on them).
 
     .venv/bin/python benchmarks/bench_training.py [--backbones clip,resnet50] [--steps 6] [--full] [--no-pixel]
+        [--no-throughput] [--annotated 50] [--plain 200] [--schedules adaptive,fixed]
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def throughput(segmenter: Segmenter, images, labels, backbone: str, steps: int, 
         def tick(_fields, times=times):
             times.append(time.perf_counter())
 
-        cfg = dataclasses.replace(config, iterations=steps + 1, self_training_after=fraction)
+        cfg = dataclasses.replace(config, iterations=steps + 1, self_training_after=fraction, schedule="fixed")
         train_student(segmenter, images, labels, cfg, student_config(backbone), progress=tick)
         rows[phase] = cfg.batch_size * steps / (times[-1] - times[0])
     return rows
@@ -69,8 +74,9 @@ def throughput(segmenter: Segmenter, images, labels, backbone: str, steps: int, 
 
 def start_training(segmenter: Segmenter, train, held_out, labels, config: TrainConfig, folder: Path) -> dict:
     """Start Training to an active student: train, judge, store, activate."""
+    steps = []
     started = time.perf_counter()
-    net = train_student(segmenter, train, labels, config, student_config("clip"))
+    net = train_student(segmenter, train, labels, config, student_config("clip"), progress=steps.append)
     trained = time.perf_counter()
     registry = ModelRegistry(folder)
     checkpoint = StudentCheckpoint(net, CLASSES, [[c] for c in CLASSES], {}, options=segmenter.options)
@@ -80,6 +86,7 @@ def start_training(segmenter: Segmenter, train, held_out, labels, config: TrainC
         registry.activate(version)
     done = time.perf_counter()
     return {
+        "steps": len(steps),
         "train": trained - started,
         "judge": done - trained,
         "total": done - started,
@@ -97,7 +104,13 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--full", action="store_true", help="also time Start Training to an active student")
     parser.add_argument("--no-pixel", action="store_true", help="with --full: skip the pixel recipe (slow on a CPU)")
+    parser.add_argument("--no-throughput", action="store_true", help="skip the throughput table")
+    parser.add_argument("--annotated", type=int, default=50, help="annotated images of the project (a fifth held out)")
+    parser.add_argument("--plain", type=int, default=200, help="unannotated images of the project")
+    parser.add_argument("--schedules", default="adaptive,fixed", help="with --full: training schedules to compare")
     args = parser.parse_args()
+    if args.annotated < 2:
+        parser.error("--annotated must be at least 2: one image trains, one is held out")
 
     folder = Path(tempfile.mkdtemp(prefix="bench-training-"))
     store = FeatureSource(None, FeatureStore(folder / "features", 1 << 40))
@@ -105,8 +118,9 @@ def main() -> None:
     segmenter = Segmenter.from_pretrained(args.model, "random", args.device, features=store)
     labels = LabelSet.parse(CLASSES)
     config = TrainConfig()
-    annotated, plain = scenes(50, True, 0), scenes(200, False, 1000)
-    images, held_out = annotated[:40] + plain, annotated[40:]
+    annotated, plain = scenes(args.annotated, True, 0), scenes(args.plain, False, 1000)
+    training = args.annotated - max(1, round(args.annotated * 0.2))
+    images, held_out = annotated[:training] + plain, annotated[training:]
     started = time.perf_counter()
     for item in images + held_out:  # what pre-annotation leaves in the store (not part of the timings below)
         item.features = segmenter.encode(item.image, mode="whole")
@@ -114,14 +128,34 @@ def main() -> None:
     print(
         f"model {args.model} (random weights), device {segmenter.clip.device}, torch threads "
         f"{torch.get_num_threads()}, crop {config.crop}, batch {config.batch_size}, schedule {config.iterations} "
-        f"steps; {len(images) + len(held_out)} images encoded into the feature store in {stored:.0f} s\n"
+        f"steps at most; {len(images)} training and {len(held_out)} held-out images encoded into the feature "
+        f"store in {stored:.1f} s\n"
     )
-    print("backbone | recipe | teacher phase img/s | self-training img/s | projected schedule min")
-    print("---------|--------|---------------------|---------------------|-----------------------")
+    if not args.no_throughput:
+        throughput_table(segmenter, images, labels, config, args)
+    if args.full:
+        columns = ["clip student   ", "steps", "train s", "judge s", "total s", "x first pass"]
+        columns += ["held-out mIoU", "MaskCLIP mIoU", "promoted"]
+        print("\n" + " | ".join(columns))
+        print("-|-".join("-" * len(c) for c in columns))
+        for recipe in ("grid",) if args.no_pixel else ("grid", "pixel"):
+            for schedule in args.schedules.split(","):
+                cfg = dataclasses.replace(config, feature_grid=recipe == "grid", schedule=schedule)
+                row = start_training(segmenter, images, held_out, labels, cfg, folder / f"{recipe}-{schedule}")
+                print(
+                    f"{recipe + ' ' + schedule:15} | {row['steps']:5} | {row['train']:7.1f} | {row['judge']:7.1f} | "
+                    f"{row['total']:7.1f} | {row['total'] / stored:12.1f} | {row['candidate']:13.3f} | "
+                    f"{row['maskclip']:13.3f} | {row['promoted']}"
+                )
+
+
+def throughput_table(segmenter: Segmenter, images, labels, config: TrainConfig, args: argparse.Namespace) -> None:
+    print("backbone | recipe | teacher phase img/s | self-training img/s | projected 400-step schedule min")
+    print("---------|--------|---------------------|---------------------|--------------------------------")
     for backbone in args.backbones.split(","):
         recipes = ("grid", "pixel") if backbone == "clip" else ("pixel",)
         for recipe in recipes:
-            cfg = dataclasses.replace(config, feature_grid=recipe == "grid")
+            cfg = dataclasses.replace(config, feature_grid=recipe == "grid", schedule="fixed")
             rates = throughput(segmenter, images, labels, backbone, args.steps, cfg)
             split = cfg.self_training_after
             seconds = (
@@ -130,17 +164,6 @@ def main() -> None:
             print(
                 f"{backbone:8} | {recipe:6} | {rates['teacher']:19.2f} | {rates['self-training']:19.2f} | "
                 f"{seconds / 60:22.1f}"
-            )
-
-    if args.full:
-        print("\nclip student | train s | judge s | total s | held-out mIoU | MaskCLIP mIoU | promoted")
-        print("-------------|---------|---------|---------|---------------|---------------|---------")
-        for recipe in ("grid",) if args.no_pixel else ("grid", "pixel"):
-            cfg = dataclasses.replace(config, feature_grid=recipe == "grid")
-            row = start_training(segmenter, images, held_out, labels, cfg, folder / recipe)
-            print(
-                f"{recipe:12} | {row['train']:7.0f} | {row['judge']:7.0f} | {row['total']:7.0f} | "
-                f"{row['candidate']:13.3f} | {row['maskclip']:13.3f} | {row['promoted']}"
             )
 
 
