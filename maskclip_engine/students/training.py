@@ -61,12 +61,6 @@ SCHEDULES = ("adaptive", "fixed")
 @dataclass(frozen=True)
 class TrainConfig:
     iterations: int = 400  # the fixed schedule's steps; the most the adaptive schedule runs
-    # "adaptive": steps follow the data's size (planned_steps); "fixed": always `iterations` steps.
-    schedule: str = "adaptive"
-    passes: float = 20.0  # adaptive: how often each crop-sized view of the data is drawn, on average
-    # adaptive: never fewer steps (unless `iterations` is fewer). On the benchmark's ten annotated scenes 120 steps
-    # gave a held-out mIoU of 0.929, 160 gave 0.944, 200 gave 0.949 and 400 0.948: below 200, small projects lose.
-    min_iterations: int = 200
     batch_size: int = 4
     crop: int = 320  # pixels; clip students crop crop // stride grid cells
     lr: float = 0.01
@@ -83,6 +77,13 @@ class TrainConfig:
     # annotations are not drowned by many pseudo-labelled images (0: draw every image alike).
     annotated_share: float = 0.5
     seed: int = 0
+    # Last, so configs written with positional fields keep their meaning.
+    # "adaptive": steps follow the data's size (planned_steps); "fixed": always `iterations` steps.
+    schedule: str = "adaptive"
+    passes: float = 20.0  # adaptive: how often each crop-sized view of the data is drawn, on average
+    # adaptive: never fewer steps (unless `iterations` is fewer). On the benchmark's ten annotated scenes 120 steps
+    # gave a held-out mIoU of 0.929, 160 gave 0.944, 200 gave 0.949 and 400 0.948: below 200, small projects lose.
+    min_iterations: int = 200
 
     def __post_init__(self) -> None:
         if self.iterations <= 0 or self.batch_size <= 0:
