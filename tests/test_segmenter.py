@@ -122,8 +122,10 @@ def test_bad_inputs_give_clear_errors(vit_segmenter: Segmenter) -> None:
         vit_segmenter.segment(Image.new("RGB", (0, 0)), LABELS)
     with pytest.raises(InvalidImageError, match="uint8"):
         vit_segmenter.segment(np.zeros((10, 10, 3), dtype=np.float32), LABELS)
-    with pytest.raises(InvalidImageError, match="PIL image"):
+    with pytest.raises(InvalidImageError, match="photo.jpg does not exist"):
         vit_segmenter.segment("photo.jpg", LABELS)
+    with pytest.raises(InvalidImageError, match="a file path, a PIL image or a numpy uint8 array"):
+        vit_segmenter.segment([[0, 0, 0]], LABELS)
     with pytest.raises(InvalidOptionError, match="unknown segmentation option"):
         vit_segmenter.segment(image, LABELS, keysmoothing=False)
     with pytest.raises(InvalidOptionError, match="multiple of the model's patch size 16"):

@@ -155,7 +155,9 @@ def test_training_job_promotes_and_serves_a_student(
     assert result["held_out_miou"] >= 0.6 and result["baseline"] == "maskclip", result
     assert result["held_out_pixels"] >= 10000
     meta = job.meta
-    assert meta["phase"] == "done" and meta["step"] == meta["iterations"] == 300 and "loss" in meta
+    assert meta["phase"] == "done" and meta["step"] == meta["iterations"] and "loss" in meta
+    # The adaptive schedule: 20 images train at least its 200-step floor, at most MASKCLIP_TRAIN_ITERATIONS.
+    assert 200 <= meta["iterations"] <= 300, meta
 
     registry = ModelRegistry(model_dir)
     active = registry.active(project)
