@@ -136,7 +136,8 @@ def test_redis_restart_during_training_job(env, redis_box, label_studio, small_p
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)
     redis = connect(redis_box.url, retries=0)
     # Enough steps that Redis goes down mid-training even where the tiny model trains 100 steps a second.
-    job_id, _ = enqueue_training(redis, small_project, trigger="test", kwargs={"options": {"iterations": 800, "schedule": "fixed"}})
+    options = {"iterations": 800, "schedule": "fixed"}
+    job_id, _ = enqueue_training(redis, small_project, trigger="test", kwargs={"options": options})
     worker = start_worker(env)
     try:
         wait_for(lambda: Job.fetch(job_id, connection=redis).meta.get("step", 0) >= 3, 180, "training")
