@@ -211,17 +211,27 @@ class Predictor:
         """Predictions in task order, None for a task that failed; shared by ``/predict`` and the workers.
 
         Tasks go through ``predict_batch`` at a time (fetch, segment, encode,
-        drop), so memory follows the batch size, not the number of tasks.
+        drop), so memory follows the batch size, not the number of tasks. The
+        next batch's images are fetched and decoded on the fetch threads while
+        this batch is on the device, so the device does not wait for the
+        network or the decoder between batches.
         """
         started = time.perf_counter()
         fetcher = fetcher or self.fetcher_for(project)
         step = max(1, self.settings.predict_batch)
-        for first in range(0, len(tasks), step):
-            yield from self._predict_batch(tasks[first : first + step], schema, project, requested, fetcher)
+        data_keys = list(schema.data_keys)
+        batches = [tasks[first : first + step] for first in range(0, len(tasks), step)]
+        pending = self._start_fetch(batches[0], data_keys, fetcher) if batches else None
+        for number, batch in enumerate(batches):
+            fetched = self._collect(batch, pending)
+            # Started before this batch's segmentation, collected after it.
+            following = batches[number + 1] if number + 1 < len(batches) else None
+            pending = self._start_fetch(following, data_keys, fetcher) if following is not None else None
+            yield from self._predict_batch(batch, fetched, schema, project, requested)
         self.metrics.observe("maskclip_predict_seconds", time.perf_counter() - started)
 
-    def _fetch(self, tasks: list[Any], data_keys: list[str], fetcher: ImageFetcher):
-        images: dict[tuple[int, str], np.ndarray] = {}
+    def _start_fetch(self, tasks: list[Any], data_keys: list[str], fetcher: ImageFetcher):
+        """Submit every image of ``tasks`` to the fetch threads: ``(futures by (task, key), failures)``."""
         failures: dict[int, str] = {}
         jobs = {}
         for index, task in enumerate(tasks):
@@ -230,6 +240,12 @@ class Predictor:
                 continue
             for key in data_keys:
                 jobs[(index, key)] = self._pool.submit(fetcher.fetch, task["data"].get(key), task.get("id"))
+        return jobs, failures
+
+    def _collect(self, tasks: list[Any], pending):
+        """The images :meth:`_start_fetch` fetched, and why each task without them has none."""
+        jobs, failures = pending
+        images: dict[tuple[int, str], np.ndarray] = {}
         for (index, key), future in jobs.items():
             try:
                 images[(index, key)] = future.result()
@@ -246,12 +262,12 @@ class Predictor:
     def _predict_batch(
         self,
         tasks: list[Any],
+        fetched: tuple[dict[tuple[int, str], np.ndarray], dict[int, str]],
         schema: ProjectSchema,
         project: str | None,
         requested: str | None,
-        fetcher: ImageFetcher,
     ) -> list[dict | None]:
-        images, failures = self._fetch(tasks, list(schema.data_keys), fetcher)
+        images, failures = fetched
         regions: dict[int, list[dict]] = {i: [] for i in range(len(tasks)) if i not in failures}
         scores: dict[int, list[float]] = {i: [] for i in regions}  # the task scores of each image it shows
         version = self.maskclip_version(schema)

@@ -79,7 +79,7 @@ def test_concurrent_requests_take_turns_on_the_device(settings, predictor, big_i
     assert Predictor(segmenter, settings)._device_lock is predictor._device_lock
 
 
-def test_a_large_request_holds_one_batch_of_images_at_a_time(
+def test_a_large_request_holds_two_batches_of_images_at_a_time(
     settings,  # noqa: F811
     predictor,  # noqa: F811
     big_images,
@@ -113,10 +113,49 @@ def test_a_large_request_holds_one_batch_of_images_at_a_time(
 
     small, large = peak_for(8), peak_for(64)
     image_bytes = 320 * 320 * 3
-    assert most[0] <= 8, f"{most[0]} images were alive at once"
+    # One batch on the device and the next one fetched meanwhile.
+    assert most[0] <= 16, f"{most[0]} images were alive at once"
     # Holding all 64 decoded images would add 56 images' bytes; the bound leaves a fraction of that
-    # for what does grow with the request (the encoded results).
+    # for the prefetched batch and what does grow with the request (the encoded results).
     assert large - small < 16 * image_bytes, (small, large)
+
+
+def test_the_next_batch_is_fetched_while_this_one_is_on_the_device(
+    settings,  # noqa: F811
+    predictor,  # noqa: F811
+    big_images,
+    monkeypatch,
+) -> None:
+    batched = dataclasses.replace(settings, predict_batch=4)
+    bounded = Predictor(predictor.segmenter, batched, Metrics())
+    fetched: list[object] = []
+    second_batch_started = threading.Event()
+    real_fetch = ImageFetcher.fetch
+
+    def recorded_fetch(self, reference, task_id=None):
+        fetched.append(task_id)
+        if task_id == 4:
+            second_batch_started.set()
+        return real_fetch(self, reference, task_id)
+
+    seen_during_forward: list[bool] = []
+
+    def entering(_module, _inputs) -> None:  # every image forward of the first batch waits for the prefetch
+        if len(seen_during_forward) < 4:
+            seen_during_forward.append(second_batch_started.wait(timeout=20))
+
+    monkeypatch.setattr(ImageFetcher, "fetch", recorded_fetch)
+    hook = bounded.segmenter.clip.model.visual.conv1.register_forward_pre_hook(entering)
+    try:
+        tasks = [{"id": i, "data": local(big_images[8 + i])} for i in range(8)]
+        reply = create_app(batched, bounded).test_client().post(
+            "/predict", json={"tasks": tasks, "label_config": BRUSH_CONFIG}
+        )
+    finally:
+        hook.remove()
+    assert reply.status_code == 200 and all(p["result"] for p in reply.json["results"])
+    assert seen_during_forward == [True] * 4, "the second batch was not being fetched during the first's forward"
+    assert sorted(fetched) == list(range(8))
 
 
 def test_torch_threads_are_set_once_per_process() -> None:
