@@ -9,6 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
+from maskclip_engine import LabelSet, Segmenter
 from maskclip_engine.cli.main import main
 from maskclip_engine.visualize import palette
 from tests.conftest import scene
@@ -76,6 +77,29 @@ def test_one_bad_image_does_not_stop_the_others(tiny_vit: TinyModel, tmp_path: P
     assert run.exit_code == 1
     assert "broken.jpg" in run.output and "1 of 2 image(s) segmented" in run.output
     assert (out / "good.json").exists() and not (out / "broken.json").exists()
+
+
+def test_a_folder_in_batches_equals_each_image_on_its_own(tiny_vit: TinyModel, tmp_path: Path, monkeypatch) -> None:
+    """Eleven images: a batch of eight and one of three (a broken file among them), decoded ahead and written
+    behind; each label map equals the engine's on that image alone."""
+    monkeypatch.setenv("MASKCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    images = {f"{i:02d}": scene(60 + 4 * i, 80, seed=10 + i) for i in range(10)}
+    for stem, image in images.items():
+        Image.fromarray(image).save(photos / f"{stem}.png")
+    (photos / "05b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out"
+    run = CliRunner().invoke(main, _args(tiny_vit, photos, out))
+    assert run.exit_code == 1 and "05b.jpg" in run.output and "10 of 11 image(s) segmented" in run.output
+
+    segmenter = Segmenter.from_pretrained(str(tiny_vit.config), str(tiny_vit.state_dict), "cpu")
+    labels = LabelSet.from_string("wall,grass|lawn,sky")
+    for stem, image in images.items():
+        alone = segmenter.segment(image, labels).label_map
+        written = np.asarray(Image.open(out / f"{stem}_labels.png")).astype(np.int32)
+        written[written == 255] = -1
+        assert np.array_equal(written, alone), stem
 
 
 def test_unknown_model_and_bad_labels(tmp_path: Path) -> None:

@@ -10,10 +10,13 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
+import numpy as np
 from click.core import ParameterSource
 from tqdm import tqdm
 
@@ -37,6 +40,7 @@ from maskclip_engine.evaluation.protocols import Protocol, load_protocol, protoc
 from maskclip_engine.features.source import FeatureSource
 from maskclip_engine.images import decode_image, list_images
 from maskclip_engine.labels import LabelSet
+from maskclip_engine.result import SegmentationResult
 from maskclip_engine.segmenter import Segmenter
 from maskclip_engine.visualize import overlay, save_label_map
 
@@ -130,13 +134,7 @@ def segment(
         raise click.ClickException(str(exc)) from exc
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path in tqdm(files, desc="segmenting", unit="image", disable=len(files) == 1 or None):
-        try:
-            _segment_one(segmenter, path, labelset, out_dir)
-        except (MaskClipError, OSError) as exc:
-            failed += 1
-            tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
+    failed = _segment_files(segmenter, files, labelset, out_dir, options.batch_size)
     click.echo(f"{len(files) - failed} of {len(files)} image(s) segmented into {out_dir}", err=True)
     if failed:
         sys.exit(1)
@@ -275,9 +273,86 @@ def _eval_spec(ctx: click.Context, given: dict, protocol: Protocol | None) -> Ev
     )
 
 
-def _segment_one(segmenter: Segmenter, path: Path, labelset: LabelSet, out_dir: Path) -> None:
-    rgb = decode_image(path)
-    result = segmenter.segment(rgb, labelset)
+def _segment_files(segmenter: Segmenter, files: list[Path], labelset: LabelSet, out_dir: Path, batch: int) -> int:
+    """Segment ``files`` ``batch`` at a time; returns how many failed (each is reported, none stops the rest).
+
+    While one batch is on the device, the next one is decoded and the previous
+    one's outputs are written, each on a thread of its own.
+    """
+    groups = [files[first : first + batch] for first in range(0, len(files), batch)]
+    failures = 0
+    bar = tqdm(total=len(files), desc="segmenting", unit="image", disable=len(files) == 1 or None)
+
+    def failed(path: Path, exc: BaseException) -> None:
+        nonlocal failures
+        failures += 1
+        tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
+        bar.update()
+
+    def settle(writes: list[tuple[Path, Future]]) -> None:
+        for path, write in writes:
+            try:
+                write.result()
+                bar.update()
+            except (MaskClipError, OSError) as exc:
+                failed(path, exc)
+
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
+        with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+            upcoming = decoder.submit(_decode_all, groups[0]) if groups else None
+            writes: list[tuple[Path, Future]] = []
+            for number in range(len(groups)):
+                decoded = upcoming.result()  # type: ignore[union-attr]
+                upcoming = decoder.submit(_decode_all, groups[number + 1]) if number + 1 < len(groups) else None
+                good = []
+                for path, rgb in decoded:
+                    if isinstance(rgb, Exception):
+                        failed(path, rgb)
+                    else:
+                        good.append((path, rgb))
+                results = _segment_group(segmenter, good, labelset, failed)
+                settle(writes)  # the previous batch's, written while this one was on the device
+                writes = [
+                    (path, writer.submit(_write_outputs, segmenter, path, rgb, result, out_dir))
+                    for (path, rgb), result in zip(good, results)
+                    if result is not None
+                ]
+            settle(writes)
+    return failures
+
+
+def _decode_all(paths: list[Path]) -> list[tuple[Path, np.ndarray | Exception]]:
+    """Each path's pixels, or the error that says why it has none."""
+    decoded: list[tuple[Path, np.ndarray | Exception]] = []
+    for path in paths:
+        try:
+            decoded.append((path, decode_image(path)))
+        except (MaskClipError, OSError) as exc:
+            decoded.append((path, exc))
+    return decoded
+
+
+def _segment_group(
+    segmenter: Segmenter, group: list[tuple[Path, np.ndarray]], labelset: LabelSet, failed: Callable
+) -> list[SegmentationResult | None]:
+    """One batch's results; should the batch fail, each image on its own, so one bad image fails alone."""
+    try:
+        return list(segmenter.segment_batch([rgb for _, rgb in group], labelset))
+    except MaskClipError:
+        results: list[SegmentationResult | None] = []
+        for path, rgb in group:
+            try:
+                results.append(segmenter.segment(rgb, labelset))
+            except MaskClipError as exc:
+                failed(path, exc)
+                results.append(None)
+        return results
+
+
+def _write_outputs(
+    segmenter: Segmenter, path: Path, rgb: np.ndarray, result: SegmentationResult, out_dir: Path
+) -> None:
+    """NAME_labels.png, NAME_overlay.png and NAME.json of one segmented image."""
     stem = path.stem
     encoding = save_label_map(result, out_dir / f"{stem}_labels.png")
     overlay(rgb, result).save(out_dir / f"{stem}_overlay.png")
