@@ -123,7 +123,7 @@ def test_a_large_request_holds_two_batches_of_images_at_a_time(
 def test_the_next_batch_is_fetched_while_this_one_is_on_the_device(
     settings,  # noqa: F811
     predictor,  # noqa: F811
-    big_images,
+    document_root: Path,  # noqa: F811
     monkeypatch,
 ) -> None:
     batched = dataclasses.replace(settings, predict_batch=4)
@@ -147,7 +147,11 @@ def test_the_next_batch_is_fetched_while_this_one_is_on_the_device(
     monkeypatch.setattr(ImageFetcher, "fetch", recorded_fetch)
     hook = bounded.segmenter.clip.model.visual.conv1.register_forward_pre_hook(entering)
     try:
-        tasks = [{"id": i, "data": local(big_images[8 + i])} for i in range(8)]
+        # Images no other test has segmented: features served from a cache would need no forward at all.
+        (document_root / "prefetch").mkdir(exist_ok=True)
+        for i in range(8):
+            Image.fromarray(scene(320, 320, seed=900 + i)).save(document_root / "prefetch" / f"{i}.png")
+        tasks = [{"id": i, "data": local(f"prefetch/{i}.png")} for i in range(8)]
         reply = create_app(batched, bounded).test_client().post(
             "/predict", json={"tasks": tasks, "label_config": BRUSH_CONFIG}
         )
