@@ -186,10 +186,9 @@ class Segmenter:
             self.features.get(key, self.clip.device) if key is not None else None for key in keys
         ]
         missing = [i for i, value in enumerate(found) if value is None]
-        dtype = self.clip.autocast_dtype
         for index, value in zip(missing, self._compute([arrays[i] for i in missing], opts)):
             key = keys[index]
-            found[index] = self.features.put(key, value, dtype) if key is not None else value
+            found[index] = self.features.put(key, value) if key is not None else value
         return found  # type: ignore[return-value]
 
     def _windows(self, height: int, width: int, opts: SegmentOptions) -> list[Window]:

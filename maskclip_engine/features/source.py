@@ -16,8 +16,6 @@ from maskclip_engine.features.cache import FeatureCache
 from maskclip_engine.features.image_features import FeatureKey, ImageFeatures
 from maskclip_engine.features.store import FeatureStore
 
-_STORED_DTYPES = (torch.bfloat16, torch.float16)
-
 
 class FeatureSource:
     """Thread-safe lookup of :class:`ImageFeatures` by :class:`FeatureKey`; either level may be absent."""
@@ -43,25 +41,16 @@ class FeatureSource:
             return found
         return None
 
-    def put(self, key: FeatureKey, value: ImageFeatures, backbone_dtype: torch.dtype) -> ImageFeatures:
+    def put(self, key: FeatureKey, value: ImageFeatures) -> ImageFeatures:
         """Keep freshly computed features; returns them as every later lookup will see them.
 
-        With a store, features from an fp32 backbone are rounded to the store's
-        fp16 here too, so the first answer for an image equals every later one.
+        With a store, that is as the store rounds them
+        (:mod:`~maskclip_engine.features.compact`), so an image's first answer
+        equals every later one, in this process and in any other.
         """
         self._count("computed")
         if self.store is not None:
-            dtype = backbone_dtype if backbone_dtype in _STORED_DTYPES else torch.float16
-            if backbone_dtype not in _STORED_DTYPES:
-                value = ImageFeatures(
-                    value.features.to(dtype).float(),
-                    value.keys.to(dtype).float(),
-                    value.windows,
-                    value.resized,
-                    value.image_size,
-                    value.stride,
-                )
-            self.store.put(key, value, dtype)
+            value = self.store.put(key, value)
         if self.memory is not None:
             self.memory.put(key, value)
         return value

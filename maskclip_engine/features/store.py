@@ -7,8 +7,12 @@ of its :class:`~maskclip_engine.features.image_features.FeatureKey`::
     features/
         3f/3fa9...c1.safetensors     features, keys and window geometry of one image
 
-* **Compact**: 16-bit tensors. A bf16 or fp16 backbone's outputs are stored
-  in its own dtype (exactly); an fp32 backbone's are rounded to fp16.
+* **Compact**: features in 8 bits and keys in 4 bits per value, one scale per
+  location (:mod:`~maskclip_engine.features.compact`): about 0.93 MB for a
+  640x480 image at short side 448. :meth:`FeatureStore.put` returns the values
+  as they read back, so an image's first answer equals every later one.
+  Entries written before this encoding (16-bit ``features`` and ``keys``) are
+  still read.
 * **Never served wrong**: the file's metadata holds the full key and a
   CRC-32 of the tensor bytes; a truncated, corrupt or mismatched entry is
   deleted and reported as missing, so the caller recomputes it.
@@ -16,8 +20,9 @@ of its :class:`~maskclip_engine.features.image_features.FeatureKey`::
   renamed into place; two processes writing the same image write the same
   bytes, and readers see one whole file or none.
 * **Bounded**: at most ``max_bytes`` in all; reading an entry refreshes its
-  modification time, and the least recently used entries go first. Eviction
-  runs under an advisory file lock, so concurrent writers do not all scan at once.
+  modification time, and the least recently used entries go first. Writers
+  keep one running total in the folder under an advisory file lock, so many
+  writers together pass the bound by at most an entry each.
 """
 
 from __future__ import annotations
@@ -38,13 +43,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from maskclip_engine.atomic import atomic_write
+from maskclip_engine.features import compact
 from maskclip_engine.features.image_features import FeatureKey, ImageFeatures, Window
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+FEATURE_BITS, KEY_BITS = 8, 4
 STALE_TEMP_S = 3600  # a temporary file this old was left by a killed writer
-_SCAN_EVERY = 32  # writes between full scans while the running total stays under the bound
+_SCAN_EVERY = 32  # a process counts the folder on its first write and every 32 writes; between, the shared total
+TOTAL = ".total"  # the bytes the entries take, as the writers keep count under the lock
 
 
 class FeatureStore:
@@ -56,7 +64,6 @@ class FeatureStore:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
-        self._estimate: int | None = None  # bytes on disk as this process last counted them, plus its writes
         self._writes = 0
         self.hits = self.misses = self.rejected = 0
 
@@ -101,15 +108,24 @@ class FeatureStore:
             meta = handle.metadata() or {}
             if json.loads(meta.get("key", "null")) != key.to_dict():
                 raise ValueError("its key does not match (another image, model or option set)")
-            features, keys = handle.get_tensor("features"), handle.get_tensor("keys")
-        if meta.get("checksum") != _checksum(features, keys):
+            tensors = {name: handle.get_tensor(name) for name in sorted(handle.keys())}
+        if meta.get("checksum") != _checksum(*tensors.values()):
             raise ValueError("its tensors do not match their checksum (corrupt or partly written)")
+        if meta.get("format") == compact.FORMAT:
+            channels = json.loads(meta["channels"])
+            features = compact.decode(_quantised(tensors, "features", channels[0], FEATURE_BITS), device)
+            keys = compact.decode(_quantised(tensors, "keys", channels[1], KEY_BITS), device)
+        elif "format" in meta:
+            raise ValueError(f"it was written in format {meta['format']!r}, which this version does not read")
+        else:  # the 16-bit entries of earlier versions
+            features = tensors["features"].to(device, torch.float32)
+            keys = tensors["keys"].to(device, torch.float32)
         windows = tuple(Window(*w) for w in json.loads(meta["windows"]))
         if features.shape[0] != len(windows) or keys.shape[0] != len(windows):
             raise ValueError("its tensors do not hold one map per window")
         return ImageFeatures(
-            features=features.to(device, torch.float32),
-            keys=keys.to(device, torch.float32),
+            features=features,
+            keys=keys,
             windows=windows,
             resized=tuple(json.loads(meta["resized"])),  # type: ignore[arg-type]
             image_size=tuple(json.loads(meta["image_size"])),  # type: ignore[arg-type]
@@ -117,36 +133,55 @@ class FeatureStore:
         )
 
     # ------------------------------------------------------------------ writing
-    def put(self, key: FeatureKey, value: ImageFeatures, dtype: torch.dtype = torch.float16) -> None:
-        """Store ``value`` (its tensors as ``dtype``, a 16-bit type); never raises for a full or read-only disk."""
+    def put(self, key: FeatureKey, value: ImageFeatures) -> ImageFeatures:
+        """Store ``value`` compactly; returns it as it reads back. Never raises for a full or read-only disk.
+
+        With the store off, ``value`` comes back unchanged.
+        """
         if not self.enabled:
-            return
-        features = value.features.detach().to("cpu", dtype).contiguous()
-        keys = value.keys.detach().to("cpu", dtype).contiguous()
+            return value
+        features = compact.encode(value.features, FEATURE_BITS)
+        keys = compact.encode(value.keys, KEY_BITS)
+        device = value.features.device
+        rounded = ImageFeatures(
+            compact.decode(features, device),
+            compact.decode(keys, device),
+            value.windows,
+            value.resized,
+            value.image_size,
+            value.stride,
+        )
+        tensors = dict(sorted({**features.tensors("features"), **keys.tensors("keys")}.items()))
         metadata = {
+            "format": compact.FORMAT,
             "key": json.dumps(key.to_dict(), sort_keys=True),
-            "checksum": _checksum(features, keys),
+            "checksum": _checksum(*tensors.values()),
+            "channels": json.dumps([features.channels, keys.channels]),
             "windows": json.dumps([[w.top, w.left, w.height, w.width] for w in value.windows]),
             "resized": json.dumps(list(value.resized)),
             "image_size": json.dumps(list(value.image_size)),
             "stride": str(value.stride),
         }
-        data = save({"features": features, "keys": keys}, metadata=metadata)
+        data = save(tensors, metadata=metadata)
         if len(data) > self.max_bytes:
-            return
+            return rounded
         path = self.path(key)
         try:
             atomic_write(path, lambda handle: handle.write(data), durable=False)  # an entry can always be recomputed
         except OSError as exc:
             log.warning("could not write feature store entry %s: %s", path, exc)
-            return
+            return rounded
         with self._lock:
             self._writes += 1
-            if self._estimate is not None:
-                self._estimate += len(data)
-            due = self._estimate is None or self._estimate > self.max_bytes or self._writes % _SCAN_EVERY == 0
-        if due:
-            self.evict()
+            count = self._writes % _SCAN_EVERY == 1  # drift (deletions by hand, lost updates) is corrected here
+        with self._exclusive():
+            total = None if count else self._read_total()
+            if total is None or total + len(data) > self.max_bytes:
+                total = self._evict()
+            else:
+                total += len(data)
+            self._write_total(total)
+        return rounded
 
     # ------------------------------------------------------------------ bounding
     def entries(self) -> Iterator[os.DirEntry]:
@@ -164,26 +199,42 @@ class FeatureStore:
     def evict(self) -> int:
         """Drop least recently used entries until the store fits its bound; returns the bytes now stored."""
         with self._exclusive():
-            found = []
-            for entry in self.entries():
-                try:
-                    stat = entry.stat()
-                except FileNotFoundError:
-                    continue  # another process evicted it
-                found.append((stat.st_mtime, stat.st_size, entry.path))
-            total = sum(size for _, size, _ in found)
-            for _, size, path in sorted(found):
-                if total <= self.max_bytes:
-                    break
-                try:
-                    os.unlink(path)
-                    total -= size
-                except FileNotFoundError:
-                    total -= size
-            self._remove_stale_temporaries()
-        with self._lock:
-            self._estimate = total
+            total = self._evict()
+            self._write_total(total)
         return total
+
+    def _evict(self) -> int:
+        """:meth:`evict`'s work; the caller holds the lock."""
+        found = []
+        for entry in self.entries():
+            try:
+                stat = entry.stat()
+            except FileNotFoundError:
+                continue  # another process evicted it
+            found.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in found)
+        for _, size, path in sorted(found):
+            if total <= self.max_bytes:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            total -= size
+        self._remove_stale_temporaries()
+        return total
+
+    def _read_total(self) -> int | None:
+        try:
+            return int((self.root / TOTAL).read_text())
+        except (OSError, ValueError):
+            return None  # never counted, or torn by a killed writer: count the folder
+
+    def _write_total(self, total: int) -> None:
+        try:
+            (self.root / TOTAL).write_text(str(total))
+        except OSError as exc:
+            log.warning("could not record the feature store's size: %s", exc)
 
     def _remove_stale_temporaries(self) -> None:
         cutoff = time.time() - STALE_TEMP_S
@@ -211,6 +262,10 @@ class FeatureStore:
                     fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
                 except OSError:
                     pass
+
+
+def _quantised(tensors: dict[str, torch.Tensor], name: str, channels: int, bits: int) -> compact.Quantised:
+    return compact.Quantised(tensors[f"{name}.values"], tensors[f"{name}.scales"], int(channels), bits)
 
 
 def _checksum(*tensors: torch.Tensor) -> str:
