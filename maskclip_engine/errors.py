@@ -31,3 +31,7 @@ class InvalidLabelsError(MaskClipError):
 
 class InvalidOptionError(MaskClipError):
     """A segmentation or model option has an unknown name or a bad value."""
+
+
+class DeviceMemoryError(MaskClipError):
+    """A single window does not fit the device's memory (batches that do not fit are halved instead)."""

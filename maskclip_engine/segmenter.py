@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from maskclip_engine.backbone.device_batches import device_batches
 from maskclip_engine.backbone.loading import LoadedClip, load_clip
 from maskclip_engine.backbone.text import TextEmbedder
 from maskclip_engine.config import ModelSpec, SegmentOptions
@@ -70,6 +71,7 @@ class Segmenter:
         self.options = options or SegmentOptions()
         self.text = text or TextEmbedder(clip, clip.spec.resolved_cache_dir)
         self.features = features or FeatureSource()
+        self.batches = device_batches(clip.model, clip.device)
         self._mean = torch.tensor(clip.mean, device=clip.device).view(3, 1, 1)
         self._std = torch.tensor(clip.std, device=clip.device).view(3, 1, 1)
 
@@ -153,15 +155,16 @@ class Segmenter:
         ``pixels`` are a model-normalised batch; ``dense_mode`` defaults to the
         segmenter's option.
         """
-        if self.clip.device.type == "cpu" and pixels.shape[0] > 1:
-            # On a CPU a batch buys no throughput, and under bf16 autocast batches of windows ran several times
-            # slower per image than one window at a time (docs/performance.md): one at a time.
-            parts = [self.dense_features_and_keys(one[None], dense_mode) for one in pixels]
-            return torch.cat([f for f, _ in parts]), torch.cat([k for _, k in parts])
-        pixels = pixels.to(self.clip.device, self.clip.dtype)
-        with self.clip.autocast():  # the backbone only: logits, softmax and refinement stay float32
-            features, keys = dense_features(self.clip.visual, pixels, dense_mode or self.options.dense_mode)
-        return features.float(), keys.float()
+        mode = dense_mode or self.options.dense_mode
+
+        def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = batch.to(self.clip.device, self.clip.dtype)
+            with self.clip.autocast():  # the backbone only: logits, softmax and refinement stay float32
+                features, keys = dense_features(self.clip.visual, batch, mode)
+            return features.float(), keys.float()
+
+        # One window at a time on a CPU; on CUDA as many as fit (maskclip_engine.backbone.device_batches).
+        return self.batches.run(pixels, forward)
 
     def dense_features_torch(self, pixels: torch.Tensor, dense_mode: str | None = None) -> torch.Tensor:
         """MaskCLIP embeddings ``[B, D, H/stride, W/stride]`` of a normalised batch ``[B, 3, H, W]``."""
