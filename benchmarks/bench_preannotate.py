@@ -201,7 +201,11 @@ def run_end_to_end(
         for process in processes:
             process.terminate()
         for process in processes:
-            process.wait(timeout=60)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a worker busy in a long forward: the run is over, stop it
+                process.kill()
+                process.wait(timeout=60)
 
 
 def main() -> None:
