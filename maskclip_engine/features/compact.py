@@ -22,7 +22,7 @@ block's largest value or a share of it (values beyond are clipped), whichever
 rounds the block with the least squared error: for 4 bits on a vector that
 the rotation made about Gaussian that is about 0.8 of the largest value.
 
-At short side 448 a 640x480 image's entry is about 0.93 MB (a 16-bit entry
+At short side 448 a 640x480 image's entry is about 0.94 MB (a 16-bit entry
 was 2.7 MB); ``benchmarks/bench_scale.py`` measures size and agreement.
 """
 

@@ -7,9 +7,9 @@ of its :class:`~maskclip_engine.features.image_features.FeatureKey`::
     features/
         3f/3fa9...c1.safetensors     features, keys and window geometry of one image
 
-* **Compact**: features in 8 bits and keys in 4 bits per value, one scale per
-  location (:mod:`~maskclip_engine.features.compact`): about 0.93 MB for a
-  640x480 image at short side 448. :meth:`FeatureStore.put` returns the values
+* **Compact**: features in 8 bits and keys in 4 bits per value, one fp16 scale
+  per location and 256-channel block (:mod:`~maskclip_engine.features.compact`):
+  about 0.94 MB for a 640x480 image at short side 448. :meth:`FeatureStore.put` returns the values
   as they read back, so an image's first answer equals every later one.
   Entries written before this encoding (16-bit ``features`` and ``keys``) are
   still read.
