@@ -79,31 +79,63 @@ def augment_grid(
     """A random crop of one image's feature grid: rescaled, cropped to ``cells`` x ``cells``, maybe flipped.
 
     ``features`` ``[D, h, w]`` and ``keys`` ``[K, h, w]`` are the whole-image
-    grids; ``maps`` ``[M, h * stride, w * stride]`` int label maps at the
-    resized image's pixels travel with them (nearest neighbour). Grids are
+    grids (any float type; the crops are float32); ``maps`` ``[M, h * stride, w * stride]``
+    integer label maps (any signed type, kept) at the resized image's pixels travel with them (nearest neighbour). Grids are
     rescaled bilinearly; padding repeats the grids' edge and is ``-1`` in the maps.
     Returns the ``[D, cells, cells]`` and ``[K, cells, cells]`` crops and the
     ``[M, cells * stride, cells * stride]`` maps.
+
+    Only the crop's window is computed: what ``F.interpolate`` (bilinear for the
+    grids, nearest for the maps) followed by padding and cropping would give,
+    without rescaling the whole grid and its pixel-sized maps for every crop.
     """
     rows, cols = features.shape[-2:]
     scale = float(rng.uniform(*scale_range))
     size = (max(1, round(rows * scale)), max(1, round(cols * scale)))
-    if size != (rows, cols):
-        both = F.interpolate(torch.cat([features, keys])[None], size=size, mode="bilinear", align_corners=False)[0]
-        features, keys = both[: features.shape[0]], both[features.shape[0] :]
-    maps = F.interpolate(maps[None].float(), size=(size[0] * stride, size[1] * stride), mode="nearest")[0].long()
-    pad_rows, pad_cols = max(0, cells - size[0]), max(0, cells - size[1])
-    if pad_rows or pad_cols:
-        # The grids repeat their edge: zero features have no direction, and the cosine classifier's gradient
-        # at them (reaching labelled pixels through the bilinear upsampling) wrecks training.
-        features = F.pad(features[None], (0, pad_cols, 0, pad_rows), mode="replicate")[0]
-        keys = F.pad(keys[None], (0, pad_cols, 0, pad_rows), mode="replicate")[0]
-        maps = F.pad(maps, (0, pad_cols * stride, 0, pad_rows * stride), value=-1)
-    top = int(rng.integers(0, features.shape[1] - cells + 1))
-    left = int(rng.integers(0, features.shape[2] - cells + 1))
-    features = features[:, top : top + cells, left : left + cells]
-    keys = keys[:, top : top + cells, left : left + cells]
-    maps = maps[:, top * stride : (top + cells) * stride, left * stride : (left + cells) * stride]
+    # The grids repeat their edge where the rescaled grid is smaller than the crop: zero features have no
+    # direction, and the cosine classifier's gradient at them (reaching labelled pixels through the bilinear
+    # upsampling) wrecks training.
+    top = int(rng.integers(0, max(size[0], cells) - cells + 1))
+    left = int(rng.integers(0, max(size[1], cells) - cells + 1))
+    row_weights = _bilinear_window(rows, size[0], top, cells)
+    col_weights = _bilinear_window(cols, size[1], left, cells)
+    both = row_weights @ (torch.cat([features, keys]).float() @ col_weights.T)
+    features, keys = both[: features.shape[0]], both[features.shape[0] :]
+    row_index = _nearest_window(maps.shape[-2], size[0] * stride, top * stride, cells * stride)
+    col_index = _nearest_window(maps.shape[-1], size[1] * stride, left * stride, cells * stride)
+    maps = maps[:, row_index.clamp(min=0)][:, :, col_index.clamp(min=0)]
+    if (row_index < 0).any() or (col_index < 0).any():  # the crop reaches past a grid that shrank below it
+        maps = maps.masked_fill((row_index < 0)[:, None] | (col_index < 0)[None, :], -1)
     if rng.random() < 0.5:
         features, keys, maps = features.flip(-1), keys.flip(-1), maps.flip(-1)
     return features.contiguous(), keys.contiguous(), maps.contiguous()
+
+
+def _bilinear_window(source: int, size: int, start: int, count: int) -> torch.Tensor:
+    """``[count, source]`` weights: rows ``start .. start + count`` of a length-``source`` axis rescaled
+    bilinearly to ``size`` (half-pixel centres, as ``align_corners=False``); rows past ``size`` repeat
+    the last one."""
+    out = torch.arange(start, start + count).clamp(max=size - 1)
+    weights = torch.zeros(count, source)
+    if size == source:
+        weights[torch.arange(count), out] = 1.0
+        return weights
+    position = ((out.float() + 0.5) * (source / size) - 0.5).clamp(min=0)
+    low = position.floor().long().clamp(max=source - 1)
+    high = (low + 1).clamp(max=source - 1)
+    fraction = position - low.float()
+    weights[torch.arange(count), low] += 1 - fraction
+    weights[torch.arange(count), high] += fraction
+    return weights
+
+
+def _nearest_window(source: int, size: int, start: int, count: int) -> torch.Tensor:
+    """Source indices of positions ``start .. start + count`` of a length-``source`` axis rescaled to
+    ``size`` by nearest neighbour (``F.interpolate``'s rule, in float32 as it computes it); ``-1`` past ``size``."""
+    out = torch.arange(start, start + count)
+    if size == source:
+        index = out.clone()
+    else:
+        ratio = torch.tensor(source, dtype=torch.float32) / size
+        index = (out.float() * ratio).floor().long().clamp(max=source - 1)
+    return index.masked_fill(out >= size, -1)

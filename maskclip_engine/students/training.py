@@ -287,20 +287,21 @@ def _step(
     The student's forward passes run under ``precision`` (the CLIP backbone's autocast: bf16 where the chip
     computes it natively), as the student will serve; its classifier, the loss, the gradients' accumulation
     into the float32 weights and the teacher stay float32.
+
+    Self-training labels come from the training forward itself: no student has dropout or a BatchNorm that
+    follows the batch (the ``clip`` head has neither; ResNets' BatchNorm is frozen), so its training forward
+    computes what an eval-mode forward would, and a second, no-grad forward would only repeat it.
     """
-    with torch.no_grad():
-        if phase == "teacher":
+    if phase == "teacher":
+        with torch.no_grad():
             pseudo = teacher.pseudo_labels(batch)
-        else:
-            net.eval()
-            with precision():
-                pseudo = _upsampled(net(batch.pixels, batch.clip_features), batch.size).argmax(1)
-            net.train()
-    target = torch.where(batch.human >= 0, batch.human, pseudo)
-    target = torch.where(batch.valid, target, IGNORE)
     with precision():
         logits = net(batch.pixels, batch.clip_features)
     logits = _upsampled(logits.float(), batch.size)
+    if phase != "teacher":
+        pseudo = logits.detach().argmax(1)
+    target = torch.where(batch.human >= 0, batch.human, pseudo)
+    target = torch.where(batch.valid, target, IGNORE)
     loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
     optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
@@ -348,7 +349,7 @@ def _label_stack(item: TrainingImage, size: tuple[int, int] | None = None) -> np
 
 
 def _as_batch(maps: list[torch.Tensor], device: torch.device, **tensors: torch.Tensor | None) -> Batch:
-    stacked = torch.stack(maps).to(device)
+    stacked = torch.stack(maps).to(device).long()
     return Batch(human=stacked[:, 0], hint=stacked[:, 1], valid=stacked[:, 2] >= 0, **tensors)
 
 
@@ -363,7 +364,9 @@ def _grid_batches(
         features = item.features or segmenter.encode(item.image, mode="whole")
         grid_features, grid_keys = features.whole_grid()
         # Kept in 16 bits between steps: a project's grids stay a few hundred megabytes.
-        grids.append((grid_features.half(), grid_keys.half(), _label_stack(item, features.resized), features.stride))
+        # Labels in 16 bits too: cropping them is a gather, and it moves a quarter of the bytes of int64.
+        maps = torch.from_numpy(_label_stack(item, features.resized)).to(torch.int16)
+        grids.append((grid_features.half(), grid_keys.half(), maps, features.stride))
     # Crops never larger than the smallest grid: a crop that is mostly padding teaches nothing.
     cells = min(config.crop // segmenter.stride, *(min(g.shape[-2:]) for g, *_ in grids))
     pick = _sampler(images, config.annotated_share, rng)
@@ -373,9 +376,9 @@ def _grid_batches(
         for _ in range(config.batch_size):
             grid_features, grid_keys, stack, stride = grids[pick()]
             f, k, m = augment_grid(
-                grid_features.float(),
-                grid_keys.float(),
-                torch.from_numpy(stack),
+                grid_features,
+                grid_keys,
+                stack,
                 stride,
                 cells,
                 config.grid_scale_range,
