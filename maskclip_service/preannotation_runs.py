@@ -113,6 +113,27 @@ def state_key(run: str) -> str:
     return f"{_PREFIX}{run}"
 
 
+def _pending_version_key(project: int | str) -> str:
+    return f"maskclip:project-version-pending:{project}"
+
+
+def defer_project_version(connection: Redis, project: int | str, version: str) -> None:
+    """Remember that ``project`` should show ``version`` once a task holds one of its predictions (Label Studio
+    refuses a project version that no task holds); the next run of that version to finish switches it."""
+    connection.set(_pending_version_key(project), version)
+
+
+def pending_project_version(connection: Redis, project: int | str) -> str | None:
+    """The version :func:`defer_project_version` left for ``project``, if any."""
+    value = connection.get(_pending_version_key(project))
+    return value.decode() if value is not None else None
+
+
+def clear_pending_project_version(connection: Redis, project: int | str) -> None:
+    """The project shows the version it should: nothing waits any more."""
+    connection.delete(_pending_version_key(project))
+
+
 def _now() -> str:
     return f"{time.time():.3f}"
 

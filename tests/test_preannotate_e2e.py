@@ -177,6 +177,49 @@ def test_which_tasks_hold_a_version_is_exact_though_label_studio_matches_substri
     assert _holding(ctx, "student-p9-v2", None) == set()
 
 
+def test_a_promotion_that_predicts_nothing_switches_the_project_once_a_task_holds_the_version(
+    label_studio: LabelStudio, documents: Path, redis_server
+) -> None:
+    """Label Studio refuses a project version no task holds: the promotion's run (every task annotated, nothing to
+    predict) still ends, and the first run of that version that imports a prediction switches the project."""
+    from types import SimpleNamespace
+
+    from label_studio_sdk import LabelStudio as Client
+
+    from maskclip_service.preannotation_runs import PreannotationRun
+    from workers.preannotate import _try_finish
+
+    redis_server.flushall()
+    project = new_project(label_studio, "promotion with nothing to predict")
+    ids = [t["id"] for t in import_images(label_studio, project, make_images(documents, "nothing-to-predict", 2))]
+    student = f"student-p{project}-v1"
+    client = Client(base_url=label_studio.url, api_key=TOKEN)
+
+    def finish(**options) -> str:
+        run, _ = PreannotationRun.start(redis_server, project, version=student, queue_name="unused", **options)
+        run.begin_listing(student)  # as the planner leaves a run once every chunk is done
+        run.drop_scopes(len(run.scopes()))
+        assert run.planned() == 0
+        return _try_finish(SimpleNamespace(run=run, project=project, client=client))
+
+    def shown() -> str:
+        return label_studio.api("GET", f"/api/projects/{project}").json()["model_version"]
+
+    before = shown()
+    assert finish(set_project_version=True) == "done"  # not left open for retries that would fail alike
+    assert shown() == before
+    assert runs.pending_project_version(redis_server, project) == student
+    assert finish() == "done"  # another run of the version that imported nothing: still nothing to show
+    assert shown() == before
+
+    # A task imported after the promotion gets the student's prediction from an on-import run.
+    prediction = {"task": ids[0], "result": [], "score": 0.5, "model_version": student}
+    label_studio.api("POST", f"/api/projects/{project}/import/predictions", json=[prediction])
+    assert finish() == "done"
+    assert shown() == student
+    assert runs.pending_project_version(redis_server, project) is None
+
+
 def test_triggers_coalesce_into_one_live_run(redis_server) -> None:
     redis_server.flushall()
     first, status = runs.start_run(redis_server, 31, task_ids=[1, 2])

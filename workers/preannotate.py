@@ -431,14 +431,38 @@ def failure_reason(exc: BaseException, stage: str) -> str:
     return f"the {stage} failed: {exc.__class__.__name__}: {exc}"
 
 
+def _show_version(ctx: RunContext, version: str) -> None:
+    """Make the project show ``version``: Label Studio shows annotators the predictions whose model_version
+    equals the project's.
+
+    Label Studio takes only a version that some task holds a prediction of (or an ML backend's title). A run
+    that predicted nothing (a promotion in a project whose tasks are all annotated, say) leaves the switch
+    pending, and the first run of that version to finish after a task holds one (tasks imported later) makes it.
+    """
+    try:
+        ctx.client.projects.update(id=ctx.project, model_version=version)
+    except ApiError as exc:
+        if exc.status_code == 400 and "model_version" in json.dumps(exc.body, default=str):
+            runs.defer_project_version(ctx.run.connection, ctx.project, version)
+            log.info(
+                "project %s: no task holds a prediction of %s yet; the project shows it once a run imports one",
+                ctx.project,
+                version,
+            )
+            return
+        raise
+    runs.clear_pending_project_version(ctx.run.connection, ctx.project)
+
+
 def _try_finish(ctx: RunContext) -> str:
     """End the run if nothing is left (see :meth:`PreannotationRun.try_finish`); a run that switches the project's
     version does so first, so a run reads as done only once annotators see its proposals. Setting the version
     twice (two workers finding nothing left) is harmless; a failure to set it leaves the run open for a retry."""
     state = ctx.run.state()
-    if state.get("set_project_version") and ctx.run.nothing_left():
-        # Label Studio shows annotators the predictions whose model_version equals the project's.
-        ctx.client.projects.update(id=ctx.project, model_version=state["version"])
+    version = state.get("version")
+    waiting = runs.pending_project_version(ctx.run.connection, ctx.project) == version
+    if (state.get("set_project_version") or waiting) and ctx.run.nothing_left():
+        _show_version(ctx, version)
     outcome = ctx.run.try_finish()
     if outcome == "done":
         log.info("project %s: pre-annotation run %s done: %s", ctx.project, ctx.run.id, ctx.run.progress())
