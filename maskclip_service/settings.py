@@ -82,6 +82,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "queue_name": ("MASKCLIP_QUEUE", "str"),
     "train_every": ("MASKCLIP_TRAIN_EVERY", "int"),
     "train_iterations": ("MASKCLIP_TRAIN_ITERATIONS", "int"),
+    "train_min_iterations": ("MASKCLIP_TRAIN_MIN_ITERATIONS", "int"),
     "train_batch_size": ("MASKCLIP_TRAIN_BATCH_SIZE", "int"),
     "train_crop": ("MASKCLIP_TRAIN_CROP", "int"),
     "train_lr": ("MASKCLIP_TRAIN_LR", "float"),
@@ -133,6 +134,7 @@ _POSITIVE = (
     "text_cache_entries",
     "max_warmups",
     "train_iterations",
+    "train_min_iterations",
     "train_batch_size",
     "predict_batch",
     "preannotate_chunk",
@@ -186,6 +188,7 @@ class Settings:
     queue_name: str = defaults.QUEUE_NAME
     train_every: int = 0  # enqueue training after this many new/updated annotations (0: only on request)
     train_iterations: int = 400
+    train_min_iterations: int = 120  # the fewest steps a small project's training runs
     train_batch_size: int = 4
     train_crop: int = 320
     train_lr: float = 0.01

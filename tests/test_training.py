@@ -150,7 +150,8 @@ def test_human_labels_override_pseudo_labels(segmenter: Segmenter) -> None:
             return torch.zeros_like(batch.human)  # "ground" everywhere
 
     train = [TrainingImage(*make_scene(i)) for i in range(12)]
-    config = TrainConfig(iterations=150, batch_size=4, crop=256, lr=0.05, self_training_after=1.0)
+    # Fixed: 150 steps, as the adaptive schedule ran them when its floor was above 150.
+    config = TrainConfig(iterations=150, batch_size=4, crop=256, lr=0.05, self_training_after=1.0, schedule="fixed")
     net = train_student(segmenter, train, LABELS, config, teacher=WrongTeacher())
     held_out = [TrainingImage(*make_scene(2000 + i)) for i in range(2)]
     student = StudentSegmenter(segmenter, checkpoint(net))
@@ -269,12 +270,13 @@ def test_unknown_schedule_is_refused_with_the_choices() -> None:
 
 
 def test_the_adaptive_schedule_learns_on_generated_scenes(segmenter: Segmenter, held_out) -> None:
-    """20 small scenes train in the floor's 200 steps, under half the fixed schedule's 500, and the student learns
-    (0.78 here against at least 0.8 after 500 steps: the tiny model learns more slowly than ViT-B/16's decoder,
-    which matched 400 steps after 200 on the benchmark); the poly schedule and the switch to self-training follow
-    the planned count."""
+    """20 small scenes train in the floor's steps (200 for the tiny model), under half the fixed schedule's 500, at a
+    higher starting rate, and the student learns (at least 0.75 against at least 0.8 after 500 steps: the tiny model
+    learns more slowly than ViT-B/16's decoder, which matched 200 steps at the paper's rate after 120 on the
+    benchmark); the poly schedule and the switch to self-training follow the planned count."""
     train = [TrainingImage(*make_scene(i)) for i in range(20)]
-    config = dataclasses.replace(FAST, schedule="adaptive")
+    # The tiny model needs more steps than ViT-B/16's decoder (whose floor is 120): the rule is the same.
+    config = dataclasses.replace(FAST, schedule="adaptive", min_iterations=200)
     steps: list[dict] = []
     net = train_student(segmenter, train, LABELS, config, progress=steps.append)
     count = len(steps)
@@ -282,8 +284,9 @@ def test_the_adaptive_schedule_learns_on_generated_scenes(segmenter: Segmenter, 
     assert [s["step"] for s in steps] == list(range(1, count + 1))
     assert {s["iterations"] for s in steps} == {count}  # progress bars end where training ends
     lrs = [s["lr"] for s in steps]
-    assert lrs[0] == config.lr and all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert lrs[-1] == pytest.approx(config.lr * (1 / count) ** config.power)  # the poly schedule ran to its end
+    start = config.lr * np.sqrt(min(config.iterations, config.lr_steps) / count)  # a short schedule starts faster
+    assert lrs[0] == pytest.approx(start) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(start * (1 / count) ** config.power)  # the poly schedule ran to its end
     teaching = sum(s["phase"] == "teacher" for s in steps)
     assert teaching == int(np.ceil(count * config.self_training_after))
     miou = student_miou(segmenter, net, held_out)

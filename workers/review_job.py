@@ -53,7 +53,10 @@ def review_project(
     labels = LabelSet.parse([list(p) for p in data.control.prompts])
     # Fold students train like the project's own, on half its schedule: they judge, they are not served.
     config = ReviewConfig(
-        iterations=max(50, settings.train_iterations // 2), crop=settings.train_crop, lr=settings.train_lr
+        iterations=max(50, settings.train_iterations // 2),
+        crop=settings.train_crop,
+        lr=settings.train_lr,
+        min_iterations=settings.train_min_iterations,
     )
     started = time.time()
     annotated = [a.item for a in data.annotated_tasks]

@@ -77,6 +77,7 @@ def train_project(
 def _train_config(settings: Settings, options: dict[str, Any]) -> TrainConfig:
     base = TrainConfig(
         iterations=settings.train_iterations,
+        min_iterations=settings.train_min_iterations,
         batch_size=settings.train_batch_size,
         crop=settings.train_crop,
         lr=settings.train_lr,

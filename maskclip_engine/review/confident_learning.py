@@ -47,7 +47,7 @@ Progress = Callable[[dict], None]
 @dataclass(frozen=True)
 class ReviewConfig:
     folds: int = 4
-    iterations: int = 200  # training steps of each fold's student
+    iterations: int = 200  # the most training steps of each fold's student
     crop: int = 320  # its training crop (pixels of the resized image)
     lr: float = 0.01
     min_fraction: float = 0.002  # a label covering less of an image is not scored for it
@@ -55,6 +55,7 @@ class ReviewConfig:
     gap: float = 0.02  # there, unlabelled strips narrower than this share of the short side are gaps between strokes
     flag_below: float = 0.5  # annotations scoring below this are flagged as probably wrong
     seed: int = 0
+    min_iterations: int = 120  # the fewest steps a fold's student runs (TrainConfig.min_iterations)
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -98,7 +99,13 @@ def out_of_sample_probabilities(
     order = np.random.default_rng(config.seed).permutation(len(annotated))
     folds = np.array_split(order, config.folds)
     out: list[torch.Tensor | None] = [None] * len(annotated)
-    train_config = TrainConfig(iterations=config.iterations, crop=config.crop, lr=config.lr, seed=config.seed)
+    train_config = TrainConfig(
+        iterations=config.iterations,
+        crop=config.crop,
+        lr=config.lr,
+        seed=config.seed,
+        min_iterations=config.min_iterations,
+    )
     for number, fold in enumerate(folds):
         held = set(fold.tolist())
         train = [item for i, item in enumerate(annotated) if i not in held] + list(unannotated)

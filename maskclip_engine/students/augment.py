@@ -80,8 +80,9 @@ def augment_grid(
 
     ``features`` ``[D, h, w]`` and ``keys`` ``[K, h, w]`` are the whole-image
     grids (any float type; the crops are float32); ``maps`` ``[M, h * stride, w * stride]``
-    integer label maps (any signed type, kept) at the resized image's pixels travel with them (nearest neighbour). Grids are
-    rescaled bilinearly; padding repeats the grids' edge and is ``-1`` in the maps.
+    integer label maps (any signed type, kept) at the resized image's pixels travel with them
+    (nearest neighbour). Grids are rescaled bilinearly; padding repeats the grids' edge and is
+    ``-1`` in the maps.
     Returns the ``[D, cells, cells]`` and ``[K, cells, cells]`` crops and the
     ``[M, cells * stride, cells * stride]`` maps.
 
