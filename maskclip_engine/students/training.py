@@ -84,7 +84,8 @@ class TrainConfig:
     passes: float = 20.0  # adaptive: how often each crop-sized view of the data is drawn, on average
     # adaptive: never fewer steps (unless `iterations` is fewer). On the benchmark's ten annotated scenes, at the
     # paper's rate, 120 steps gave a held-out mIoU of 0.929, 160 gave 0.944, 200 gave 0.949 and 400 0.948; with the
-    # rate initial_lr gives short schedules, 120 steps give 0.949 and 0.950 (seeds 0 and 1) in 60% of the time.
+    # rate initial_lr gives short schedules, 120 steps give 0.949, 0.949 and 0.950 (seeds 0 to 2; 200 steps at the
+    # paper's rate gave 0.949, 0.948 and 0.950) in two thirds of the time.
     min_iterations: int = 120
     # adaptive: `lr` is the rate of a schedule of `iterations` steps, up to this many (the default 400 steps);
     # shorter schedules start faster.
