@@ -97,7 +97,11 @@ def main() -> None:
             "HF_HUB_OFFLINE": "1",
             "REDIS_URL": "",  # `serve` runs its own Redis and worker, as `make run` does
         }
-        backend = Backend(env, root / "backend.log")
+        try:
+            backend = Backend(env, root / "backend.log")
+        except BaseException:
+            label_studio.stop()
+            raise
         print(
             f"{MODEL} (random weights), {args.tasks} scenes {SIZE}x{SIZE}, {len(CLASSES)} labels, default short "
             f"side and training recipe, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})",
