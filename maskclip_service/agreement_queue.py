@@ -11,11 +11,11 @@ from __future__ import annotations
 from redis import Redis
 from rq import Queue
 
-from .defaults import DAY_S, FAILURE_TTL_S, QUEUE_NAME
+from .defaults import DAY_S, FAILURE_TTL_S, JOB_TIMEOUT_S, QUEUE_NAME
 from .job_paths import COMPARE_ANNOTATION, COMPARE_PROJECT
 
 COMPARE_TIMEOUT_S = 300  # one annotation: a few Label Studio reads and array passes
-PROJECT_TIMEOUT_S = 6 * 3600
+PROJECT_TIMEOUT_S = JOB_TIMEOUT_S  # a whole project's annotations: as long as any long job may run
 
 
 def enqueue_comparison(connection: Redis, project: int, annotation: int, queue_name: str = QUEUE_NAME) -> str:
