@@ -184,7 +184,7 @@ def one_project(
     began = time.perf_counter()
     label_studio.api("POST", f"/api/ml/{ml_id}/train")
     # The registry holds a student once the gate has judged it; a promoted one is activated right after.
-    training = time.perf_counter() - began + wait_for("a trained student", lambda: student_version(), backend)
+    training = time.perf_counter() - began + wait_for("a trained student", student_version, backend)
     settle = time.monotonic() + 10
     while not (student_version() or {}).get("active") and time.monotonic() < settle:
         time.sleep(0.2)

@@ -238,9 +238,10 @@ def train_student(
         len(images),
     )
     switch = math.ceil(steps * config.self_training_after)
+    start_lr = initial_lr(config, steps)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = initial_lr(config, steps) * (1 - step / steps) ** config.power
+            group["lr"] = start_lr * (1 - step / steps) ** config.power
         phase = "teacher" if step < switch else "self-training"
         batch = make_batch(phase == "teacher")
         loss = _step(net, optimizer, teacher, batch, phase, segmenter.clip.autocast)
